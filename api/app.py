@@ -1,0 +1,69 @@
+"""The Litestar application factory: all wiring happens here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.config.app import ExperimentalFeatures  # noqa: F401  (kept for future flags)
+from litestar.di import Provide
+from litestar.middleware.base import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+
+from api.auth import PUBLIC_PATHS, BearerAuthMiddleware
+from api.controllers.admin import TeamsController
+from api.controllers.customers import CustomersController
+from api.controllers.ops import health, ready
+from api.middleware import RequestLogMiddleware
+from api.problems import exception_handlers
+from governance.catalog import CatalogError
+from governance.errors import GovernanceError
+from governance.keys import KeyRingError
+from governance.service import StoryVault
+from governance.settings import Settings, load_settings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Litestar:
+    settings = settings or load_settings()
+    vault = StoryVault(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await vault.start(migrate=migrate)
+        try:
+            yield
+        finally:
+            await vault.stop()
+
+    async def provide_vault() -> StoryVault:
+        return vault
+
+    prometheus = PrometheusConfig(app_name="storyvault", group_path=True, exclude=["/metrics"])
+    domain_errors: tuple[type[Exception], ...] = (GovernanceError, KeyRingError, CatalogError)
+    app = Litestar(
+        route_handlers=[
+            health, ready, CustomersController, TeamsController, PrometheusController,
+        ],
+        dependencies={"vault": Provide(provide_vault)},
+        middleware=[
+            RequestLogMiddleware,
+            prometheus.middleware,
+            DefineMiddleware(BearerAuthMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS]),
+        ],
+        exception_handlers=exception_handlers(domain_errors),
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(
+            title="Story Vault", version="0.1.0", path="/schema",
+            render_plugins=[ScalarRenderPlugin()],
+        ),
+        request_max_body_size=settings.max_body_bytes,
+        logging_config=None,
+        debug=False,
+    )
+    app.state.vault = vault
+    return app

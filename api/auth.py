@@ -1,0 +1,69 @@
+"""Authentication: team API keys and customer sessions, both as bearer tokens.
+
+An async middleware resolves the principal once per request; guards then
+only look at it. A missing, unknown or revoked credential is a 401 problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from governance.service import StoryVault
+from governance.teams import Principal
+
+__all__ = ["BearerAuthMiddleware", "bearer_token", "require_admin", "require_customer", "require_team"]
+
+PUBLIC_PATHS = (
+    "/health", "/ready", "/metrics", "/schema", "/.well-known", "/portal",
+    "/v1/me/login", "/v1/me/verify", "/v1/schemas", "/favicon.ico",
+)
+
+
+def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    header = connection.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
+        vault: StoryVault = connection.app.state.vault
+        token = bearer_token(connection)
+        if token is None:
+            raise NotAuthorizedException("a bearer credential is required")
+        if connection.scope["path"].startswith("/v1/me"):
+            customer = await vault.authenticate_customer(token)
+            if customer is None:
+                raise NotAuthorizedException("the session is unknown, expired or ended")
+            return AuthenticationResult(user=customer, auth="customer")
+        principal = await vault.authenticate_team(token)
+        if principal is None:
+            raise NotAuthorizedException("the API key is unknown or revoked")
+        return AuthenticationResult(user=principal, auth="team")
+
+
+async def require_team(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    if not isinstance(connection.user, Principal):
+        raise PermissionDeniedException("this endpoint needs a team API key")
+
+
+async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    user = connection.user
+    if not isinstance(user, Principal) or not user.is_admin:
+        raise PermissionDeniedException("this endpoint needs a key of a team with the admin role")
+
+
+async def require_customer(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    if connection.auth != "customer":
+        raise PermissionDeniedException("this endpoint needs a customer session")

@@ -1,0 +1,163 @@
+"""Audit entries and their leaf encoding.
+
+A leaf is the RFC 8785 (JSON Canonicalization Scheme) encoding of this object::
+
+    {"v": 1, "kind": str, "actor": str, "actor_key_id": str|null,
+     "subject": str|null, "purpose": str|null, "policy_version": int|null,
+     "categories": [str], "withheld": [{"category": str, "reason": str}],
+     "consent_index": int|null, "request_id": str|null,
+     "detail": {str: str|int|bool|null}, "timestamp": "YYYY-MM-DDTHH:MM:SS.ffffffZ"}
+
+Every field is always present (``null`` when unset), so one entry has exactly one
+leaf and an independent verifier can re-derive the bytes. Entries hold pseudonymous
+ids only: ``subject`` is the customer pseudonym, ``detail`` holds non-personal ids.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+import rfc8785
+
+from audit._errors import InvalidEntry
+
+LEAF_VERSION = 1
+"""The ``v`` field of every leaf written by this code."""
+
+DetailValue = str | int | bool | None
+
+
+class EntryKind(StrEnum):
+    """What an entry records."""
+
+    DISCLOSURE = "disclosure"
+    DENIAL = "denial"
+    WRITE = "write"
+    CONSENT = "consent"
+    POLICY_CHANGE = "policy_change"
+    KEY_EVENT = "key_event"
+    ADMIN = "admin"
+    RIGHTS_REQUEST = "rights_request"
+    EXPORT = "export"
+    ERASURE = "erasure"
+    RECTIFICATION = "rectification"
+    RETENTION = "retention"
+    REPORT = "report"
+
+
+class Withheld(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A category that was not disclosed, and the reason code why."""
+
+    category: str
+    reason: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One audited event. ``actor`` is a team name, ``"customer"`` or ``"system"``."""
+
+    kind: EntryKind
+    actor: str
+    actor_key_id: str | None = None
+    subject: str | None = None
+    purpose: str | None = None
+    policy_version: int | None = None
+    categories: tuple[str, ...] = ()
+    withheld: tuple[Withheld, ...] = ()
+    consent_index: int | None = None
+    request_id: str | None = None
+    detail: dict[str, DetailValue] = {}
+    timestamp: datetime = msgspec.field(default_factory=_now)
+
+
+class _Leaf(AuditEntry, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    v: int
+
+
+def format_timestamp(ts: datetime) -> str:
+    """RFC 3339 UTC with exactly six fractional digits, the one form a leaf uses."""
+    if ts.tzinfo is None or ts.utcoffset() is None:
+        raise InvalidEntry("audit timestamps must be timezone-aware")
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _check_str(name: str, value: object, *, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise InvalidEntry(f"audit entry field {name} must be a string")
+
+
+def _check_int(name: str, value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise InvalidEntry(f"audit entry field {name} must be an integer")
+
+
+def _leaf_document(entry: AuditEntry) -> dict[str, Any]:
+    # msgspec does not validate on construction, so the leaf encoder is the gate:
+    # anything that would not decode back into an AuditEntry is refused here.
+    try:
+        kind = EntryKind(entry.kind)
+    except ValueError:
+        raise InvalidEntry("unknown audit entry kind") from None
+    _check_str("actor", entry.actor, optional=False)
+    for name in ("actor_key_id", "subject", "purpose", "request_id"):
+        _check_str(name, getattr(entry, name))
+    _check_int("policy_version", entry.policy_version)
+    _check_int("consent_index", entry.consent_index)
+    for category in entry.categories:
+        _check_str("categories", category, optional=False)
+    for item in entry.withheld:
+        if not isinstance(item, Withheld):
+            raise InvalidEntry("audit entry field withheld must hold Withheld items")
+        _check_str("withheld.category", item.category, optional=False)
+        _check_str("withheld.reason", item.reason, optional=False)
+    for key, value in entry.detail.items():
+        _check_str("detail key", key, optional=False)
+        if value is not None and not isinstance(value, str | int | bool):
+            raise InvalidEntry("audit entry detail values are strings, integers or booleans")
+    return {
+        "v": LEAF_VERSION,
+        "kind": kind.value,
+        "actor": entry.actor,
+        "actor_key_id": entry.actor_key_id,
+        "subject": entry.subject,
+        "purpose": entry.purpose,
+        "policy_version": entry.policy_version,
+        "categories": list(entry.categories),
+        "withheld": [{"category": w.category, "reason": w.reason} for w in entry.withheld],
+        "consent_index": entry.consent_index,
+        "request_id": entry.request_id,
+        "detail": dict(entry.detail),
+        "timestamp": format_timestamp(entry.timestamp),
+    }
+
+
+def encode_leaf(entry: AuditEntry) -> bytes:
+    """The exact bytes the entry's leaf hash covers (RFC 8785 canonical JSON)."""
+    document = _leaf_document(entry)
+    try:
+        return rfc8785.dumps(document)
+    except rfc8785.CanonicalizationError as exc:
+        # e.g. integers beyond the I-JSON range of ±2**53
+        raise InvalidEntry(f"audit entry is not canonicalizable: {type(exc).__name__}") from None
+
+
+def decode_leaf(leaf: bytes) -> AuditEntry:
+    """The entry a leaf encodes; raises InvalidEntry for bytes this code did not write."""
+    try:
+        parsed = msgspec.json.decode(leaf, type=_Leaf)
+    except msgspec.ValidationError as exc:
+        raise InvalidEntry(f"not an audit leaf: {exc}") from None
+    except msgspec.DecodeError:
+        raise InvalidEntry("not an audit leaf: malformed JSON") from None
+    if parsed.v != LEAF_VERSION:
+        raise InvalidEntry(f"unsupported audit leaf version {parsed.v}")
+    fields = {f: getattr(parsed, f) for f in AuditEntry.__struct_fields__}
+    return AuditEntry(**fields)

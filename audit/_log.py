@@ -1,0 +1,407 @@
+"""The transparency log service: sequenced batch appends, entry reads, proofs.
+
+Sequencing. Every append runs in one transaction that first takes the log's write
+lock, then reads the tree size and right edge, then writes the leaves, the perfect
+subtrees they complete and one signed tree head. So all processes sharing the
+database see one total order of leaves:
+
+* PostgreSQL: ``pg_advisory_xact_lock(lock_id)``, released at commit or rollback.
+* SQLite: a no-op ``DELETE ... WHERE 0`` as the transaction's first statement. Any
+  write statement takes SQLite's RESERVED lock even when it touches no row, which
+  gives ``BEGIN IMMEDIATE`` semantics without changing how the caller's engine
+  begins transactions; other writers wait (busy timeout) until commit. Touching no
+  row, it fires no append-only trigger.
+
+The tree size is the largest signed ``tree_size``: a batch's leaves, nodes and tree
+head commit together, so the newest head always covers every stored leaf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import ColumnElement, Row, and_, func, insert, or_, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from audit._entry import AuditEntry, decode_leaf, encode_leaf
+from audit._errors import (
+    EntryNotFound,
+    InvalidProofRequest,
+    InvalidQuery,
+    LogStateConflict,
+    TreeHeadNotFound,
+)
+from audit._merkle import (
+    CompactRange,
+    consistency_proof,
+    consistency_proof_ranges,
+    inclusion_path_ranges,
+    inclusion_proof,
+    leaf_hash,
+    nodes_for_ranges,
+    perfect_subtrees,
+    subtree_hash_from,
+)
+from audit._store import entries, nodes, tree_heads
+from audit._tree_head import SignedTreeHead, sign_tree_head
+
+DEFAULT_LOCK_ID = 0x53544F5259415544
+"""PostgreSQL advisory lock key of the audit log ("STORYAUD"); one log per database."""
+
+MAX_PAGE = 1000
+
+_NODE_CHUNK = 100
+"""Node keys per query: keeps OR-lists far below SQLite's expression depth limit."""
+
+_SUPPORTED_DIALECTS = ("sqlite", "postgresql")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def naive_utc(ts: datetime) -> datetime:
+    """The storage form of a time: naive UTC. Naive input is taken to be UTC already."""
+    if ts.tzinfo is None:
+        return ts
+    return ts.astimezone(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    """An entry as stored: its index, the exact leaf bytes and their leaf hash."""
+
+    leaf_index: int
+    entry: AuditEntry
+    leaf: bytes
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EntryPage:
+    """One page of entries; ``next_cursor`` is None on the last page."""
+
+    items: list[StoredEntry]
+    next_cursor: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Leaves ``first_index .. tree_head.tree_size - 1`` and the head that signs them."""
+
+    first_index: int
+    tree_head: SignedTreeHead
+
+    @property
+    def indexes(self) -> range:
+        return range(self.first_index, self.tree_head.tree_size)
+
+
+@dataclass(frozen=True, slots=True)
+class InclusionProof:
+    """RFC 9162 §2.1.3: the audit path of ``leaf_index`` in the tree of ``tree_size``."""
+
+    leaf_index: int
+    tree_size: int
+    leaf_hash: bytes
+    audit_path: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyProof:
+    """RFC 9162 §2.1.4: the proof that tree ``second`` extends tree ``first``."""
+
+    first: int
+    second: int
+    proof: tuple[bytes, ...]
+
+
+def _head_from_row(row: Row[Any]) -> SignedTreeHead:
+    return SignedTreeHead(
+        tree_size=row.tree_size,
+        root_hash=bytes(row.root_hash),
+        timestamp_ms=row.timestamp_ms,
+        signature=bytes(row.signature),
+        key_id=row.key_id,
+    )
+
+
+def _stored_from_row(row: Row[Any]) -> StoredEntry:
+    leaf = bytes(row.leaf)
+    return StoredEntry(row.leaf_index, decode_leaf(leaf), leaf, bytes(row.leaf_hash))
+
+
+async def read_nodes(
+    conn: AsyncConnection, keys: Collection[tuple[int, int]]
+) -> dict[tuple[int, int], bytes]:
+    """The stored hashes of the perfect subtrees ``keys`` that exist."""
+    wanted = sorted(keys)
+    found: dict[tuple[int, int], bytes] = {}
+    for start in range(0, len(wanted), _NODE_CHUNK):
+        chunk = wanted[start : start + _NODE_CHUNK]
+        condition = or_(*(and_(nodes.c.level == lv, nodes.c.node_index == ix) for lv, ix in chunk))
+        rows = await conn.execute(
+            select(nodes.c.level, nodes.c.node_index, nodes.c.hash).where(condition)
+        )
+        found.update(((r.level, r.node_index), bytes(r.hash)) for r in rows)
+    return found
+
+
+async def _require_nodes(
+    conn: AsyncConnection, keys: Collection[tuple[int, int]]
+) -> dict[tuple[int, int], bytes]:
+    found = await read_nodes(conn, keys)
+    if len(found) != len(set(keys)):
+        raise LogStateConflict("the stored tree lacks subtree hashes it should have")
+    return found
+
+
+class TransparencyLog:
+    """An RFC 9162 log of audit entries in the caller's database.
+
+    ``signing_key`` signs one tree head per appended batch; ``key_id`` names its public
+    key (e.g. in a JWKS). ``lock_id`` is the PostgreSQL advisory lock key: logs in
+    different databases (shards) may share it, logs in one database may not exist.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        signing_key: Ed25519PrivateKey,
+        key_id: str,
+        *,
+        lock_id: int = DEFAULT_LOCK_ID,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        dialect = engine.dialect.name
+        if dialect not in _SUPPORTED_DIALECTS:
+            raise ValueError(f"the audit log runs on {_SUPPORTED_DIALECTS}, not {dialect!r}")
+        self._engine = engine
+        self._dialect = dialect
+        self._signing_key = signing_key
+        self._key_id = key_id
+        self._lock_id = lock_id
+        self._clock = clock
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._signing_key.public_key()
+
+    # -- writing ---------------------------------------------------------------
+
+    async def append(self, batch: Sequence[AuditEntry]) -> AppendResult:
+        """Append ``batch`` in one transaction of its own and sign one tree head for it."""
+        leaves = [encode_leaf(e) for e in batch]  # encode before taking the lock
+        async with self._engine.begin() as conn:
+            return await self._append_leaves(conn, batch, leaves)
+
+    async def append_in(self, conn: AsyncConnection, batch: Sequence[AuditEntry]) -> AppendResult:
+        """Append ``batch`` inside the caller's transaction on ``conn``.
+
+        The append (and the log lock) commits or rolls back with the caller's
+        transaction. Call it before other statements of that transaction: on SQLite a
+        transaction that read first may fail to become a writer.
+        """
+        leaves = [encode_leaf(e) for e in batch]
+        return await self._append_leaves(conn, batch, leaves)
+
+    async def _sequence(self, conn: AsyncConnection) -> None:
+        if self._dialect == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_id})
+        else:
+            await conn.execute(text(f"DELETE FROM {tree_heads.name} WHERE 0"))
+
+    async def _append_leaves(
+        self, conn: AsyncConnection, batch: Sequence[AuditEntry], leaves: list[bytes]
+    ) -> AppendResult:
+        if not batch:
+            raise ValueError("an append needs at least one entry")
+        await self._sequence(conn)
+        # Read the state only inside the lock: it is the state this batch extends.
+        last = (
+            await conn.execute(
+                select(tree_heads.c.tree_size, tree_heads.c.timestamp_ms)
+                .order_by(tree_heads.c.tree_size.desc())
+                .limit(1)
+            )
+        ).first()
+        size, last_ms = (last.tree_size, last.timestamp_ms) if last else (0, 0)
+        edge_keys = CompactRange.edge_nodes(size)
+        found = await _require_nodes(conn, edge_keys)
+        edge = CompactRange(size, {lv: found[(lv, ix)] for lv, ix in edge_keys})
+
+        entry_rows: list[dict[str, Any]] = []
+        node_rows: list[dict[str, Any]] = []
+        for offset, (entry, leaf) in enumerate(zip(batch, leaves, strict=True)):
+            hashed = leaf_hash(leaf)
+            entry_rows.append(
+                {
+                    "leaf_index": size + offset,
+                    "leaf": leaf,
+                    "leaf_hash": hashed,
+                    "kind": str(entry.kind),
+                    "actor": entry.actor,
+                    "subject": entry.subject,
+                    "purpose": entry.purpose,
+                    "created_at": naive_utc(entry.timestamp),
+                }
+            )
+            node_rows.extend(
+                {"level": lv, "node_index": ix, "hash": h} for lv, ix, h in edge.append(hashed)
+            )
+        await conn.execute(insert(entries), entry_rows)
+        await conn.execute(insert(nodes), node_rows)
+
+        # Tree-head timestamps never go backwards, even if the clock does.
+        timestamp_ms = max(int(self._clock().timestamp() * 1000), last_ms)
+        head = sign_tree_head(self._signing_key, self._key_id, edge.size, edge.root(), timestamp_ms)
+        await conn.execute(
+            insert(tree_heads).values(
+                tree_size=head.tree_size,
+                root_hash=head.root_hash,
+                timestamp_ms=head.timestamp_ms,
+                signature=head.signature,
+                key_id=head.key_id,
+            )
+        )
+        return AppendResult(size, head)
+
+    # -- reading ---------------------------------------------------------------
+
+    @staticmethod
+    async def _size(conn: AsyncConnection) -> int:
+        size = (await conn.execute(select(func.max(tree_heads.c.tree_size)))).scalar()
+        return int(size or 0)
+
+    async def size(self) -> int:
+        """The number of committed leaves."""
+        async with self._engine.connect() as conn:
+            return await self._size(conn)
+
+    async def latest_tree_head(self) -> SignedTreeHead | None:
+        """The newest signed tree head, or None while the log is empty."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(tree_heads).order_by(tree_heads.c.tree_size.desc()))
+            ).first()
+        return _head_from_row(row) if row else None
+
+    async def get_tree_head(self, tree_size: int) -> SignedTreeHead:
+        """The signed tree head for exactly ``tree_size`` leaves."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(tree_heads).where(tree_heads.c.tree_size == tree_size))
+            ).first()
+        if row is None:
+            raise TreeHeadNotFound(f"no signed tree head for size {tree_size}")
+        return _head_from_row(row)
+
+    async def get_entry(self, leaf_index: int) -> StoredEntry:
+        """The entry at ``leaf_index`` with the exact bytes its leaf hash covers."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(entries).where(entries.c.leaf_index == leaf_index))
+            ).first()
+        if row is None:
+            raise EntryNotFound(f"no audit entry at index {leaf_index}")
+        return _stored_from_row(row)
+
+    async def list_entries(
+        self,
+        *,
+        subject: str | None = None,
+        team: str | None = None,
+        purpose: str | None = None,
+        kinds: Iterable[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        cursor: int | None = None,
+        limit: int = 100,
+        descending: bool = False,
+    ) -> EntryPage:
+        """Entries matching every given filter, ordered by leaf index.
+
+        ``team`` matches the actor column (a team name, "customer" or "system").
+        ``since`` is inclusive, ``until`` exclusive. ``cursor`` is the ``next_cursor`` of
+        the previous page: the leaf index after (or, descending, before) which to go on.
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidQuery(f"page size must be between 1 and {MAX_PAGE}")
+        conditions: list[ColumnElement[bool]] = []
+        if subject is not None:
+            conditions.append(entries.c.subject == subject)
+        if team is not None:
+            conditions.append(entries.c.actor == team)
+        if purpose is not None:
+            conditions.append(entries.c.purpose == purpose)
+        if kinds is not None:
+            conditions.append(entries.c.kind.in_([str(k) for k in kinds]))
+        if since is not None:
+            conditions.append(entries.c.created_at >= naive_utc(since))
+        if until is not None:
+            conditions.append(entries.c.created_at < naive_utc(until))
+        order = entries.c.leaf_index.desc() if descending else entries.c.leaf_index.asc()
+        if cursor is not None:
+            conditions.append(
+                entries.c.leaf_index < cursor if descending else entries.c.leaf_index > cursor
+            )
+        query = select(entries).where(and_(*conditions)).order_by(order).limit(limit + 1)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        items = [_stored_from_row(r) for r in rows[:limit]]
+        next_cursor = items[-1].leaf_index if len(rows) > limit else None
+        return EntryPage(items, next_cursor)
+
+    # -- proofs ----------------------------------------------------------------
+
+    async def root_at(self, tree_size: int) -> bytes:
+        """MTH of the first ``tree_size`` leaves, from at most log2(n) stored subtrees."""
+        async with self._engine.connect() as conn:
+            current = await self._size(conn)
+            if not 0 < tree_size <= current:
+                raise InvalidProofRequest(f"tree size {tree_size} is not in 1..{current}")
+            keys = perfect_subtrees(0, tree_size)
+            found = await _require_nodes(conn, keys)
+        return subtree_hash_from(found)(0, tree_size)
+
+    async def inclusion_proof(self, leaf_index: int, tree_size: int | None = None) -> InclusionProof:
+        """The audit path of ``leaf_index`` in the tree of ``tree_size`` (default: current)."""
+        async with self._engine.connect() as conn:
+            current = await self._size(conn)
+            size = current if tree_size is None else tree_size
+            if not 0 < size <= current:
+                raise InvalidProofRequest(f"tree size {size} is not in 1..{current}")
+            if not 0 <= leaf_index < size:
+                raise InvalidProofRequest(f"leaf index {leaf_index} is not in a tree of {size}")
+            ranges = inclusion_path_ranges(leaf_index, size)
+            # Stored nodes never change once written, so reading them after the size
+            # needs no snapshot: a size once seen has all its nodes committed.
+            found = await _require_nodes(conn, nodes_for_ranges(ranges) | {(0, leaf_index)})
+        path = inclusion_proof(leaf_index, size, subtree_hash_from(found))
+        return InclusionProof(leaf_index, size, found[(0, leaf_index)], tuple(path))
+
+    async def consistency_proof(self, first: int, second: int | None = None) -> ConsistencyProof:
+        """The proof that the tree of ``second`` (default: current) extends that of ``first``."""
+        async with self._engine.connect() as conn:
+            current = await self._size(conn)
+            size = current if second is None else second
+            if not 0 < first <= size <= current:
+                raise InvalidProofRequest(
+                    f"need 0 < first <= second <= {current}, got {first} and {size}"
+                )
+            ranges = consistency_proof_ranges(first, size)
+            found = await _require_nodes(conn, nodes_for_ranges(ranges))
+        proof = consistency_proof(first, size, subtree_hash_from(found))
+        return ConsistencyProof(first, size, tuple(proof))

@@ -1,0 +1,201 @@
+"""Per-customer data keys: creation, unwrapping through a bounded cache, destruction, re-wrap."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from cachetools import TTLCache
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from governance.keys import KeyRing, KeyRingError
+from governance.models import DataKeyRow
+
+__all__ = ["DataKeys", "dek_aad"]
+
+
+def dek_aad(customer_id: str, scope: str, dek_id: str) -> bytes:
+    # A wrapped key is bound to its customer, scope and id: copying it to
+    # another row makes it fail to unwrap instead of silently decrypting.
+    return f"sv:dek:v1|{customer_id}|{scope}|{dek_id}".encode()
+
+
+class DataKeys:
+    """Data keys per (customer, scope); scope is a category name.
+
+    Unwrapped keys are cached (bounded size and TTL) so the gated read does
+    no KEK work on a warm path; destroying a key evicts it here, and values of
+    a destroyed key are deleted in the same transaction, so a stale cache entry
+    in another instance has nothing left to decrypt.
+    """
+
+    def __init__(self, ring: KeyRing, *, cache_size: int, cache_ttl: float) -> None:
+        self.ring = ring
+        self._cache: TTLCache[str, AESGCM] | None = (
+            TTLCache(maxsize=cache_size, ttl=cache_ttl) if cache_size and cache_ttl else None
+        )
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _remember(self, dek_id: str, aead: AESGCM) -> None:
+        if self._cache is not None:
+            with self._lock:
+                self._cache[dek_id] = aead
+
+    def forget(self, dek_ids: Iterable[str]) -> None:
+        if self._cache is not None:
+            with self._lock:
+                for dek_id in dek_ids:
+                    self._cache.pop(dek_id, None)
+
+    async def for_write(self, session: AsyncSession, customer_id: str, scope: str) -> tuple[str, AESGCM]:
+        """The live key of (customer, scope), created on first use."""
+        row = (
+            await session.execute(
+                select(DataKeyRow.id, DataKeyRow.kek_version, DataKeyRow.wrapped)
+                .where(
+                    DataKeyRow.customer_id == customer_id,
+                    DataKeyRow.scope == scope,
+                    DataKeyRow.destroyed_at.is_(None),  # type: ignore[union-attr]
+                )
+                .order_by(DataKeyRow.created_at)  # type: ignore[arg-type]
+                .limit(1)
+            )
+        ).first()
+        if row is not None and row.wrapped is not None:
+            return row.id, await self._unwrap_one(customer_id, scope, row.id, row.kek_version, row.wrapped)
+        dek_id = str(uuid.uuid4())
+        raw = secrets.token_bytes(32)
+        version, wrapped = self.ring.wrap(raw, dek_aad(customer_id, scope, dek_id))
+        session.add(
+            DataKeyRow(
+                id=dek_id,
+                customer_id=customer_id,
+                scope=scope,
+                kek_version=version,
+                wrapped=wrapped,
+                created_at=datetime.now(UTC),
+            )
+        )
+        aead = AESGCM(raw)
+        self._remember(dek_id, aead)
+        return dek_id, aead
+
+    async def _unwrap_one(
+        self, customer_id: str, scope: str, dek_id: str, version: int, wrapped: bytes
+    ) -> AESGCM:
+        if self._cache is not None:
+            cached = self._cache.get(dek_id)
+            if cached is not None:
+                self.hits += 1
+                return cached
+        self.misses += 1
+        aead = AESGCM(self.ring.unwrap(version, wrapped, dek_aad(customer_id, scope, dek_id)))
+        self._remember(dek_id, aead)
+        return aead
+
+    async def for_read(self, session: AsyncSession, dek_ids: set[str]) -> dict[str, AESGCM]:
+        """Unwrapped keys for the given ids; destroyed keys are simply absent."""
+        found: dict[str, AESGCM] = {}
+        missing: list[str] = []
+        cache = self._cache
+        for dek_id in dek_ids:
+            aead = cache.get(dek_id) if cache is not None else None
+            if aead is None:
+                missing.append(dek_id)
+            else:
+                found[dek_id] = aead
+        self.hits += len(found)
+        if missing:
+            self.misses += len(missing)
+            rows = await session.execute(
+                select(
+                    DataKeyRow.id, DataKeyRow.customer_id, DataKeyRow.scope,
+                    DataKeyRow.kek_version, DataKeyRow.wrapped,
+                ).where(
+                    DataKeyRow.id.in_(missing),  # type: ignore[attr-defined]
+                    DataKeyRow.destroyed_at.is_(None),  # type: ignore[union-attr]
+                )
+            )
+            for row in rows:
+                if row.wrapped is None:
+                    continue
+                raw = self.ring.unwrap(
+                    row.kek_version, row.wrapped, dek_aad(row.customer_id, row.scope, row.id)
+                )
+                aead = AESGCM(raw)
+                self._remember(row.id, aead)
+                found[row.id] = aead
+        return found
+
+    async def destroy(
+        self, session: AsyncSession, customer_id: str, scopes: Iterable[str] | None
+    ) -> list[str]:
+        """Crypto-shred: forget the wrapped keys of these scopes (all when None)."""
+        stmt = select(DataKeyRow.id).where(
+            DataKeyRow.customer_id == customer_id,
+            DataKeyRow.destroyed_at.is_(None),  # type: ignore[union-attr]
+        )
+        if scopes is not None:
+            stmt = stmt.where(DataKeyRow.scope.in_(list(scopes)))  # type: ignore[attr-defined]
+        ids = list((await session.execute(stmt)).scalars())
+        if ids:
+            await session.execute(
+                update(DataKeyRow)
+                .where(DataKeyRow.id.in_(ids))  # type: ignore[attr-defined]
+                .values(wrapped=None, destroyed_at=datetime.now(UTC))
+            )
+        self.forget(ids)
+        return ids
+
+    async def rewrap_batch(self, session: AsyncSession, *, limit: int) -> int:
+        """Re-wrap up to ``limit`` live keys not under the current KEK; returns how many."""
+        current = self.ring.current_kek
+        rows = (
+            await session.execute(
+                select(
+                    DataKeyRow.id, DataKeyRow.customer_id, DataKeyRow.scope,
+                    DataKeyRow.kek_version, DataKeyRow.wrapped,
+                )
+                .where(
+                    DataKeyRow.kek_version != current,
+                    DataKeyRow.destroyed_at.is_(None),  # type: ignore[union-attr]
+                )
+                .limit(limit)
+            )
+        ).all()
+        for row in rows:
+            if row.wrapped is None:
+                continue
+            aad = dek_aad(row.customer_id, row.scope, row.id)
+            raw = self.ring.unwrap(row.kek_version, row.wrapped, aad)
+            version, wrapped = self.ring.wrap(raw, aad)
+            await session.execute(
+                update(DataKeyRow)
+                .where(DataKeyRow.id == row.id, DataKeyRow.kek_version == row.kek_version)
+                .values(kek_version=version, wrapped=wrapped)
+            )
+        return len(rows)
+
+    async def kek_versions_in_use(self, session: AsyncSession) -> set[int]:
+        rows = await session.execute(
+            select(DataKeyRow.kek_version)
+            .where(DataKeyRow.destroyed_at.is_(None))  # type: ignore[union-attr]
+            .distinct()
+        )
+        return set(rows.scalars())
+
+
+def check_ring_fits(ring: KeyRing, versions: set[int]) -> None:
+    missing = versions - set(ring.keks)
+    if missing:
+        raise KeyRingError(
+            f"the database holds data keys wrapped by KEK versions {sorted(missing)} "
+            "that this key ring does not have: wrong key ring for this database"
+        )

@@ -1,0 +1,123 @@
+"""Tables of the governance core.
+
+In plaintext only ids, categories, kinds, timestamps, key ids and the blind
+index; every personal value lives in a ``sealed`` column (see governance.keys).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "ApiKeyRow",
+    "AppMetaRow",
+    "ChapterRow",
+    "CustomerRow",
+    "DataKeyRow",
+    "EmailIndexRow",
+    "ProfileValueRow",
+    "TeamRow",
+]
+
+
+def _ts(*, nullable: bool = False, index: bool = False) -> Column[datetime]:
+    return Column(DateTime(timezone=True), nullable=nullable, index=index)
+
+
+class CustomerRow(SQLModel, table=True):
+    __tablename__ = "customers"
+
+    id: str = Field(primary_key=True, max_length=36)
+    external_ref: str | None = Field(default=None, max_length=200, index=True)
+    status: str = Field(default="active", max_length=16)
+    created_at: datetime = Field(sa_column=_ts())
+    updated_at: datetime = Field(sa_column=_ts())
+    erased_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class DataKeyRow(SQLModel, table=True):
+    """A customer's data key for one category scope, wrapped by a KEK version.
+
+    Destroying a key (erasure, retention) clears ``wrapped`` and sets
+    ``destroyed_at``: every value sealed under it is unreadable from then on,
+    in this database and in every copy of it.
+    """
+
+    __tablename__ = "data_keys"
+    __table_args__ = (Index("ix_data_keys_customer_scope", "customer_id", "scope"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    customer_id: str = Field(max_length=36)
+    scope: str = Field(max_length=120)
+    kek_version: int
+    wrapped: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    created_at: datetime = Field(sa_column=_ts())
+    destroyed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class ProfileValueRow(SQLModel, table=True):
+    __tablename__ = "profile_values"
+
+    customer_id: str = Field(primary_key=True, max_length=36)
+    field: str = Field(primary_key=True, max_length=40)
+    category: str = Field(max_length=120)
+    dek_id: str = Field(max_length=36)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    updated_at: datetime = Field(sa_column=_ts())
+
+
+class ChapterRow(SQLModel, table=True):
+    __tablename__ = "chapters"
+    __table_args__ = (Index("ix_chapters_customer_time", "customer_id", "occurred_at"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    customer_id: str = Field(max_length=36)
+    category: str = Field(max_length=120)
+    kind: str = Field(max_length=40)
+    occurred_at: datetime = Field(sa_column=_ts())
+    author_team: str = Field(max_length=64)
+    dek_id: str = Field(max_length=36)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(sa_column=_ts())
+
+
+class EmailIndexRow(SQLModel, table=True):
+    """Keyed blind index of a customer's e-mail: lookups without plaintext."""
+
+    __tablename__ = "email_index"
+
+    blind_index: str = Field(primary_key=True, max_length=64)
+    customer_id: str = Field(primary_key=True, max_length=36, index=True)
+
+
+class TeamRow(SQLModel, table=True):
+    __tablename__ = "teams"
+
+    name: str = Field(primary_key=True, max_length=64)
+    roles: str = Field(default="", max_length=200)
+    description: str = Field(default="", max_length=500)
+    created_at: datetime = Field(sa_column=_ts())
+
+
+class ApiKeyRow(SQLModel, table=True):
+    """A team API key: only a keyed digest of the secret is stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("digest"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    team: str = Field(max_length=64, index=True)
+    digest: str = Field(max_length=64)
+    label: str = Field(default="", max_length=200)
+    created_at: datetime = Field(sa_column=_ts())
+    revoked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class AppMetaRow(SQLModel, table=True):
+    __tablename__ = "app_meta"
+
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=2000)

@@ -1,0 +1,163 @@
+"""Typed settings read from the environment (see API.md's configuration table).
+
+A wrong value stops the start with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from governance.errors import SettingsError
+
+__all__ = ["Settings", "load_settings"]
+
+_PREFIX = "STORYVAULT_"
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(_PREFIX + name)
+    return value if value not in (None, "") else None
+
+
+def _int(name: str, default: int, *, low: int, high: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{_PREFIX}{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{_PREFIX}{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(name: str, default: float, *, low: float, high: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{_PREFIX}{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{_PREFIX}{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _bool(name: str, *, default: bool) -> bool:
+    raw = _env(name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{_PREFIX}{name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service reads from its environment, validated once at start."""
+
+    data_dir: Path
+    """Where the embedded database, the key ring and the mail outbox live."""
+    database_url: str
+    """SQLAlchemy async URL: ``sqlite+aiosqlite:///…`` or ``postgresql+asyncpg://…``."""
+    host: str = "127.0.0.1"
+    """Listen address."""
+    port: int = 8000
+    """Listen port."""
+    admin_key: str | None = None
+    """If set, an admin (compliance) API key with exactly this value exists."""
+    mail_url: str = ""
+    """``file://DIR`` writes each mail as an ``.eml`` file; ``smtp://host:port`` sends it."""
+    catalog_path: Path | None = None
+    """An operator's catalog file replacing the shipped default catalog."""
+    keyring_json: str | None = field(default=None, repr=False)
+    """The key ring supplied by the environment (production); otherwise a file in data_dir."""
+    max_body_bytes: int = 1024 * 1024
+    """Largest accepted request body; larger ones get 413."""
+    dek_cache_size: int = 10_000
+    """How many unwrapped data keys stay in memory at most."""
+    dek_cache_ttl: float = 300.0
+    """Seconds an unwrapped data key may stay in memory."""
+    audit_batch_ms: float = 2.0
+    """How long the audit writer gathers entries before one group commit."""
+    sqlite_synchronous: str = "FULL"
+    """SQLite ``synchronous`` pragma: FULL survives power loss, NORMAL only process crashes."""
+    secure_cookies: bool = True
+    """Mark portal cookies Secure; turned off automatically on loopback development."""
+    bench_routes: bool = False
+    """Expose the benchmark-only bare read route (never in production)."""
+    demo_data: bool = True
+    """Load demo teams, keys and customers when the database is new (``make run``)."""
+    workers: int = 1
+    """Server worker processes."""
+    login_code_ttl: int = 600
+    """Seconds a customer one-time code stays valid."""
+    session_ttl: int = 3600
+    """Seconds a customer session lasts."""
+    rate_limit_per_minute: int = 6000
+    """Requests per minute per API key or client address before 429."""
+    insights_k: int = 10
+    """Smallest group an aggregate insight may show."""
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def load_settings() -> Settings:
+    """Read and validate the environment; raise SettingsError naming the variable."""
+    data_dir = Path(_env("DATA_DIR") or "./var").resolve()
+    database_url = _env("DATABASE_URL") or f"sqlite+aiosqlite:///{data_dir / 'storyvault.db'}"
+    scheme = database_url.split("://", 1)[0]
+    if scheme not in {"sqlite+aiosqlite", "postgresql+asyncpg"}:
+        raise SettingsError(
+            f"{_PREFIX}DATABASE_URL must start with sqlite+aiosqlite:// or "
+            f"postgresql+asyncpg://, got scheme {scheme!r}"
+        )
+    mail_url = _env("MAIL_URL") or f"file://{data_dir / 'outbox'}"
+    parsed = urlparse(mail_url)
+    if parsed.scheme not in {"file", "smtp"} or (parsed.scheme == "smtp" and not parsed.hostname):
+        raise SettingsError(f"{_PREFIX}MAIL_URL must be file://DIR or smtp://host:port")
+    catalog = _env("CATALOG")
+    catalog_path = Path(catalog) if catalog else None
+    if catalog_path is not None and not catalog_path.is_file():
+        raise SettingsError(f"{_PREFIX}CATALOG names no readable file: {catalog}")
+    host = _env("HOST") or "127.0.0.1"
+    sync = (_env("SQLITE_SYNCHRONOUS") or "FULL").upper()
+    if sync not in {"FULL", "NORMAL", "EXTRA"}:
+        raise SettingsError(f"{_PREFIX}SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA")
+    admin_key = _env("ADMIN_KEY")
+    if admin_key is not None and len(admin_key) < 16:
+        raise SettingsError(f"{_PREFIX}ADMIN_KEY must be at least 16 characters")
+    loopback = host in {"127.0.0.1", "localhost", "::1"}
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        host=host,
+        port=_int("PORT", 8000, low=1, high=65535),
+        admin_key=admin_key,
+        mail_url=mail_url,
+        catalog_path=catalog_path,
+        keyring_json=_env("KEYRING"),
+        max_body_bytes=_int("MAX_BODY_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
+        dek_cache_size=_int("DEK_CACHE_SIZE", 10_000, low=0, high=10_000_000),
+        dek_cache_ttl=_float("DEK_CACHE_TTL", 300.0, low=0.0, high=86_400.0),
+        audit_batch_ms=_float("AUDIT_BATCH_MS", 2.0, low=0.0, high=1000.0),
+        sqlite_synchronous=sync,
+        secure_cookies=_bool("SECURE_COOKIES", default=not loopback),
+        bench_routes=_bool("BENCH_ROUTES", default=False),
+        demo_data=_bool("DEMO_DATA", default=True),
+        workers=_int("WORKERS", 1, low=1, high=64),
+        login_code_ttl=_int("LOGIN_CODE_TTL", 600, low=60, high=3600),
+        session_ttl=_int("SESSION_TTL", 3600, low=60, high=86_400 * 30),
+        rate_limit_per_minute=_int("RATE_LIMIT_PER_MINUTE", 6000, low=1, high=10_000_000),
+        insights_k=_int("INSIGHTS_K", 10, low=2, high=1000),
+    )

@@ -1,0 +1,143 @@
+"""Teams, their roles, and their API keys.
+
+A key's secret is shown once, at creation; only a keyed digest (HMAC with a
+key derived from the key ring) is stored, under a public key id. Lookups go
+by digest, so a revoked key fails on the very next request on every instance.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from governance.errors import Conflict, InvalidInput, NotFound
+from governance.keys import KeyRing
+from governance.models import ApiKeyRow, TeamRow
+
+__all__ = ["ADMIN_ROLE", "IssuedKey", "Principal", "Teams"]
+
+ADMIN_ROLE = "admin"
+KNOWN_ROLES = frozenset({ADMIN_ROLE})
+_TEAM = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated team key."""
+
+    team: str
+    key_id: str
+    roles: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_ROLE in self.roles
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    id: str
+    team: str
+    secret: str
+    created_at: datetime
+
+
+class Teams:
+    def __init__(self, ring: KeyRing) -> None:
+        self.ring = ring
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        if not isinstance(name, str) or not _TEAM.match(name):
+            raise InvalidInput(
+                "team name must be 2-64 characters: lowercase letters, digits, '-' or '_'",
+                code="invalid_team",
+            )
+        return name
+
+    async def create_team(
+        self, session: AsyncSession, name: str, *, roles: list[str], description: str = ""
+    ) -> TeamRow:
+        self.check_name(name)
+        unknown = set(roles) - KNOWN_ROLES
+        if unknown:
+            raise InvalidInput(f"unknown role(s): {', '.join(sorted(unknown))[:100]}", code="invalid_role")
+        if await session.get(TeamRow, name) is not None:
+            raise Conflict(f"team '{name}' exists", code="team_exists")
+        row = TeamRow(
+            name=name, roles=",".join(sorted(set(roles))), description=description[:500],
+            created_at=datetime.now(UTC),
+        )
+        session.add(row)
+        await session.flush()
+        return row
+
+    async def list_teams(self, session: AsyncSession) -> list[TeamRow]:
+        return list((await session.execute(select(TeamRow).order_by(TeamRow.name))).scalars())
+
+    async def team_names(self, session: AsyncSession) -> set[str]:
+        return set((await session.execute(select(TeamRow.name))).scalars())
+
+    async def issue_key(
+        self, session: AsyncSession, team: str, *, label: str = "", secret: str | None = None
+    ) -> IssuedKey:
+        if await session.get(TeamRow, team) is None:
+            raise NotFound(f"no team '{team[:64]}'", code="team_not_found")
+        key_id = "key_" + secrets.token_hex(8)
+        secret = secret or "svk_" + secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        session.add(
+            ApiKeyRow(
+                id=key_id, team=team, digest=self.ring.token_digest(secret),
+                label=label[:200], created_at=now,
+            )
+        )
+        await session.flush()
+        return IssuedKey(id=key_id, team=team, secret=secret, created_at=now)
+
+    async def ensure_key(self, session: AsyncSession, team: str, secret: str, *, key_id: str) -> None:
+        """Make ``secret`` a valid key of ``team`` (the STORYVAULT_ADMIN_KEY bootstrap)."""
+        digest = self.ring.token_digest(secret)
+        existing = (
+            await session.execute(select(ApiKeyRow).where(ApiKeyRow.digest == digest))
+        ).scalar_one_or_none()
+        if existing is not None:
+            if existing.revoked_at is not None or existing.team != team:
+                existing.revoked_at = None
+                existing.team = team
+            return
+        session.add(
+            ApiKeyRow(
+                id=key_id, team=team, digest=digest, label="bootstrap (environment)",
+                created_at=datetime.now(UTC),
+            )
+        )
+
+    async def revoke_key(self, session: AsyncSession, key_id: str) -> None:
+        result = await session.execute(
+            update(ApiKeyRow)
+            .where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))  # type: ignore[union-attr]
+            .values(revoked_at=datetime.now(UTC))
+        )
+        if result.rowcount == 0:  # type: ignore[attr-defined]
+            raise NotFound("no such active key", code="key_not_found")
+
+    async def authenticate(self, session: AsyncSession, secret: str) -> Principal | None:
+        if not secret or len(secret) > 512:
+            return None
+        row = (
+            await session.execute(
+                select(ApiKeyRow.id, ApiKeyRow.team, ApiKeyRow.revoked_at, TeamRow.roles)
+                .join(TeamRow, TeamRow.name == ApiKeyRow.team)  # type: ignore[arg-type]
+                .where(ApiKeyRow.digest == self.ring.token_digest(secret))
+            )
+        ).first()
+        if row is None or row.revoked_at is not None:
+            return None
+        roles = frozenset(r for r in row.roles.split(",") if r)
+        return Principal(team=row.team, key_id=row.id, roles=roles)

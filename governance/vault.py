@@ -1,0 +1,286 @@
+"""The encrypted story vault: customers, profile fields and chapters.
+
+Every value is sealed under the customer's data key for its category (see
+governance.keys for the associated data that binds it to its row). The vault
+itself decides nothing about who may read: the gate does that and asks the
+vault for exactly the granted categories.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from governance.catalog import Catalog
+from governance.datakeys import DataKeys
+from governance.errors import InvalidInput, NotFound
+from governance.keys import KeyRing, open_value, seal_value, value_aad
+from governance.models import ChapterRow, CustomerRow, EmailIndexRow, ProfileValueRow
+
+__all__ = ["Chapter", "Story", "Vault"]
+
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
+_PHONE = re.compile(r"^\+?[0-9 ()./-]{4,32}$")
+MAX_VALUE = 1000
+MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Chapter:
+    id: str
+    category: str
+    kind: str
+    occurred_at: datetime
+    author_team: str
+    body: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Story:
+    customer_id: str
+    status: str
+    profile: dict[str, str] = field(default_factory=dict)
+    profile_categories: dict[str, str] = field(default_factory=dict)
+    chapters: list[Chapter] = field(default_factory=list)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Vault:
+    def __init__(self, ring: KeyRing, catalog: Catalog, keys: DataKeys) -> None:
+        self.ring = ring
+        self.catalog = catalog
+        self.keys = keys
+
+    # --- validation ----------------------------------------------------
+    def validate_profile(
+        self, profile: Mapping[str, object], *, allow_null: bool = False
+    ) -> dict[str, str | None]:
+        """Check field names and shapes; messages name the field, never the value."""
+        clean: dict[str, str | None] = {}
+        for name, raw in profile.items():
+            spec = self.catalog.profile_fields.get(name)
+            if spec is None:
+                raise InvalidInput(f"unknown profile field '{name[:40]}'", code="unknown_field")
+            if raw is None and allow_null:
+                clean[name] = None
+                continue
+            if not isinstance(raw, str):
+                raise InvalidInput(f"profile field '{name}' must be a string", code="invalid_value")
+            value = raw.strip()
+            if not value or len(value) > MAX_VALUE:
+                raise InvalidInput(
+                    f"profile field '{name}' must be 1 to {MAX_VALUE} characters",
+                    code="invalid_value",
+                )
+            if spec.type == "email" and not _EMAIL.match(value):
+                raise InvalidInput(f"profile field '{name}' is not an e-mail address", code="invalid_value")
+            if spec.type == "phone" and not _PHONE.match(value):
+                raise InvalidInput(f"profile field '{name}' is not a phone number", code="invalid_value")
+            if spec.type == "date":
+                try:
+                    date.fromisoformat(value)
+                except ValueError:
+                    raise InvalidInput(
+                        f"profile field '{name}' must be a date (YYYY-MM-DD)", code="invalid_value"
+                    ) from None
+            clean[name] = value
+        return clean
+
+    def validate_chapter(self, category: str, kind: str, body: object) -> bytes:
+        cat = self.catalog.categories.get(category)
+        if cat is None:
+            raise InvalidInput(f"unknown category '{category[:120]}'", code="unknown_category")
+        if kind not in cat.chapter_kinds:
+            raise InvalidInput(
+                f"chapter kind '{kind[:40]}' does not belong to category '{category}'",
+                code="invalid_kind",
+            )
+        if not isinstance(body, dict):
+            raise InvalidInput("chapter body must be a JSON object", code="invalid_value")
+        encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(encoded) > MAX_BODY_BYTES:
+            raise InvalidInput(f"chapter body exceeds {MAX_BODY_BYTES} bytes", code="too_large")
+        return encoded
+
+    # --- writes ----------------------------------------------------------
+    async def _seal_profile(
+        self, session: AsyncSession, customer_id: str, values: Mapping[str, str], now: datetime
+    ) -> None:
+        for name, value in values.items():
+            category = self.catalog.profile_fields[name].category
+            dek_id, aead = await self.keys.for_write(session, customer_id, category)
+            sealed = seal_value(aead, value.encode(), value_aad(customer_id, name, name, dek_id))
+            await session.merge(
+                ProfileValueRow(
+                    customer_id=customer_id,
+                    field=name,
+                    category=category,
+                    dek_id=dek_id,
+                    sealed=sealed,
+                    updated_at=now,
+                )
+            )
+            if self.catalog.profile_fields[name].type == "email":
+                await session.execute(
+                    delete(EmailIndexRow).where(EmailIndexRow.customer_id == customer_id)
+                )
+                session.add(
+                    EmailIndexRow(blind_index=self.ring.blind_index(value), customer_id=customer_id)
+                )
+
+    async def create_customer(
+        self, session: AsyncSession, *, external_ref: str | None, profile: Mapping[str, str]
+    ) -> str:
+        customer_id = str(uuid.uuid4())
+        now = _now()
+        session.add(
+            CustomerRow(
+                id=customer_id, external_ref=external_ref, status="active",
+                created_at=now, updated_at=now,
+            )
+        )
+        await session.flush()
+        await self._seal_profile(session, customer_id, profile, now)
+        return customer_id
+
+    async def require_active(self, session: AsyncSession, customer_id: str) -> CustomerRow:
+        row = await session.get(CustomerRow, customer_id)
+        if row is None or row.status == "erased":
+            raise NotFound("no such customer", code="customer_not_found")
+        return row
+
+    async def update_profile(
+        self, session: AsyncSession, customer_id: str, changes: Mapping[str, str | None]
+    ) -> None:
+        now = _now()
+        await self._seal_profile(
+            session, customer_id, {k: v for k, v in changes.items() if v is not None}, now
+        )
+        removed = [k for k, v in changes.items() if v is None]
+        if removed:
+            await session.execute(
+                delete(ProfileValueRow).where(
+                    ProfileValueRow.customer_id == customer_id,
+                    ProfileValueRow.field.in_(removed),  # type: ignore[attr-defined]
+                )
+            )
+            if any(self.catalog.profile_fields[k].type == "email" for k in removed):
+                await session.execute(
+                    delete(EmailIndexRow).where(EmailIndexRow.customer_id == customer_id)
+                )
+        await session.execute(
+            update(CustomerRow).where(CustomerRow.id == customer_id).values(updated_at=now)
+        )
+
+    async def add_chapter(
+        self,
+        session: AsyncSession,
+        customer_id: str,
+        *,
+        category: str,
+        kind: str,
+        occurred_at: datetime,
+        body: bytes,
+        author_team: str,
+    ) -> str:
+        chapter_id = str(uuid.uuid4())
+        dek_id, aead = await self.keys.for_write(session, customer_id, category)
+        sealed = seal_value(aead, body, value_aad(customer_id, chapter_id, category, dek_id))
+        session.add(
+            ChapterRow(
+                id=chapter_id,
+                customer_id=customer_id,
+                category=category,
+                kind=kind,
+                occurred_at=_as_utc(occurred_at),
+                author_team=author_team,
+                dek_id=dek_id,
+                sealed=sealed,
+                created_at=_now(),
+            )
+        )
+        return chapter_id
+
+    # --- reads -----------------------------------------------------------
+    async def find_by_email(self, session: AsyncSession, email: str) -> list[str]:
+        rows = await session.execute(
+            select(EmailIndexRow.customer_id)
+            .join(CustomerRow, CustomerRow.id == EmailIndexRow.customer_id)  # type: ignore[arg-type]
+            .where(
+                EmailIndexRow.blind_index == self.ring.blind_index(email),
+                CustomerRow.status != "erased",
+            )
+            .order_by(EmailIndexRow.customer_id)
+        )
+        return list(rows.scalars())
+
+    async def read_story(
+        self,
+        session: AsyncSession,
+        customer_id: str,
+        categories: Iterable[str] | None = None,
+        *,
+        chapter_limit: int | None = None,
+    ) -> Story:
+        """Decrypt the story's parts in ``categories`` (all when None)."""
+        customer = await self.require_active(session, customer_id)
+        wanted = None if categories is None else list(categories)
+        story = Story(customer_id=customer_id, status=customer.status)
+        if wanted is not None and not wanted:
+            return story
+        pstmt = select(
+            ProfileValueRow.field, ProfileValueRow.category,
+            ProfileValueRow.dek_id, ProfileValueRow.sealed,
+        ).where(ProfileValueRow.customer_id == customer_id)
+        cstmt = (
+            select(
+                ChapterRow.id, ChapterRow.category, ChapterRow.kind, ChapterRow.occurred_at,
+                ChapterRow.author_team, ChapterRow.dek_id, ChapterRow.sealed,
+            )
+            .where(ChapterRow.customer_id == customer_id)
+            .order_by(ChapterRow.occurred_at, ChapterRow.id)  # type: ignore[arg-type]
+        )
+        if wanted is not None:
+            pstmt = pstmt.where(ProfileValueRow.category.in_(wanted))  # type: ignore[attr-defined]
+            cstmt = cstmt.where(ChapterRow.category.in_(wanted))  # type: ignore[attr-defined]
+        if chapter_limit is not None:
+            cstmt = cstmt.limit(chapter_limit)
+        prow = (await session.execute(pstmt)).all()
+        crow = (await session.execute(cstmt)).all()
+        keys = await self.keys.for_read(session, {r.dek_id for r in prow} | {r.dek_id for r in crow})
+        for r in prow:
+            aead = keys.get(r.dek_id)
+            if aead is None:
+                continue  # its key was destroyed: the value no longer exists
+            story.profile[r.field] = open_value(
+                aead, r.sealed, value_aad(customer_id, r.field, r.field, r.dek_id)
+            ).decode()
+            story.profile_categories[r.field] = r.category
+        for r in crow:
+            aead = keys.get(r.dek_id)
+            if aead is None:
+                continue
+            body = open_value(aead, r.sealed, value_aad(customer_id, r.id, r.category, r.dek_id))
+            story.chapters.append(
+                Chapter(
+                    id=r.id, category=r.category, kind=r.kind,
+                    occurred_at=_as_utc(r.occurred_at), author_team=r.author_team,
+                    body=json.loads(body),
+                )
+            )
+        return story
