@@ -43,11 +43,17 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
     async def provide_vault() -> StoryVault:
         return vault
 
-    prometheus = PrometheusConfig(app_name="storyvault", group_path=True, exclude=["/metrics"])
+    prometheus = PrometheusConfig(
+        app_name="storyvault", prefix="storyvault", group_path=True, exclude=["/metrics"]
+    )
     domain_errors: tuple[type[Exception], ...] = (GovernanceError, KeyRingError, CatalogError)
     app = Litestar(
         route_handlers=[
-            health, ready, CustomersController, TeamsController, PrometheusController,
+            health,
+            ready,
+            CustomersController,
+            TeamsController,
+            PrometheusController,
         ],
         dependencies={"vault": Provide(provide_vault)},
         middleware=[
@@ -58,7 +64,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
         exception_handlers=exception_handlers(domain_errors),
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
-            title="Story Vault", version="0.1.0", path="/schema",
+            title="Story Vault",
+            version="0.1.0",
+            path="/schema",
             render_plugins=[ScalarRenderPlugin()],
         ),
         request_max_body_size=settings.max_body_bytes,

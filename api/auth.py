@@ -11,16 +11,33 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
-from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.middleware.authentication import (
+    AbstractAuthenticationMiddleware,
+    AuthenticationResult,
+)
 
 from governance.service import StoryVault
 from governance.teams import Principal
 
-__all__ = ["BearerAuthMiddleware", "bearer_token", "require_admin", "require_customer", "require_team"]
+__all__ = [
+    "BearerAuthMiddleware",
+    "bearer_token",
+    "require_admin",
+    "require_customer",
+    "require_team",
+]
 
 PUBLIC_PATHS = (
-    "/health", "/ready", "/metrics", "/schema", "/.well-known", "/portal",
-    "/v1/me/login", "/v1/me/verify", "/v1/schemas", "/favicon.ico",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/schema",
+    "/.well-known",
+    "/portal",
+    "/v1/me/login",
+    "/v1/me/verify",
+    "/v1/schemas",
+    "/favicon.ico",
 )
 
 
@@ -58,12 +75,16 @@ async def require_team(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
         raise PermissionDeniedException("this endpoint needs a team API key")
 
 
-async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_admin(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     user = connection.user
     if not isinstance(user, Principal) or not user.is_admin:
         raise PermissionDeniedException("this endpoint needs a key of a team with the admin role")
 
 
-async def require_customer(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_customer(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     if connection.auth != "customer":
         raise PermissionDeniedException("this endpoint needs a customer session")

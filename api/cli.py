@@ -51,7 +51,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=None, help="worker processes (default STORYVAULT_WORKERS)")
+@click.option(
+    "--workers", type=int, default=None, help="worker processes (default STORYVAULT_WORKERS)"
+)
 def serve(workers: int | None) -> None:
     """Migrate, bootstrap (demo data on a new database) and serve HTTP."""
     import uvicorn
@@ -75,12 +77,21 @@ def serve(workers: int | None) -> None:
         for key in vault.demo_keys:
             table.add_row(key.team, key.id, key.secret)
         out.print(table)
-        out.print(f"Try: curl -H 'Authorization: Bearer {vault.demo_keys[2].secret}' "
-                  f"'{url}/v1/customers?email=ana.alvarez0@example.com&purpose=service.support'")
+        out.print(
+            f"Try: curl -H 'Authorization: Bearer {vault.demo_keys[2].secret}' "
+            f"'{url}/v1/customers?email=ana.alvarez0@example.com&purpose=service.support'"
+        )
     uvicorn.run(
-        "api.asgi:app_factory", factory=True, host=settings.host, port=settings.port,
-        workers=workers or settings.workers, log_config=None, access_log=False,
-        proxy_headers=False, server_header=False, lifespan="on",
+        "api.asgi:app_factory",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers or settings.workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        lifespan="on",
     )
 
 

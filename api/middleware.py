@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import structlog
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["RequestLogMiddleware"]
@@ -35,11 +36,10 @@ class RequestLogMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id  # type: ignore[typeddict-unknown-key]
         structlog.contextvars.bind_contextvars(request_id=request_id)
         start = time.perf_counter()
         status = 500
@@ -70,7 +70,7 @@ class RequestLogMiddleware:
             if route != "/metrics":
                 log.info(
                     "http.request",
-                    method=scope["method"],
+                    method=scope.get("method"),
                     route=route,
                     status=status,
                     duration_ms=round((time.perf_counter() - start) * 1000, 2),

@@ -67,8 +67,13 @@ TITLES = {
 
 
 def problem(
-    status: int, code: str, detail: str, *, extra: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None, request: Request[Any, Any, Any] | None = None,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    request: Request[Any, Any, Any] | None = None,
 ) -> Response[dict[str, Any]]:
     body: dict[str, Any] = {
         "type": f"urn:storyvault:problem:{code}",
@@ -77,8 +82,9 @@ def problem(
         "code": code,
         "detail": detail[:500],
     }
-    if request is not None:
-        body["request_id"] = request.scope.get("state", {}).get("request_id")
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id:
+        body["request_id"] = request_id
     if extra:
         body.update(extra)
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
@@ -100,7 +106,9 @@ def _domain(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[st
     return problem(status, code, detail, extra=extra or None, headers=headers, request=request)
 
 
-def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+def _validation(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[dict[str, Any]]:
     # msgspec's messages name the path and the expected type, never the value.
     errors: list[dict[str, str]] = []
     if isinstance(exc.extra, list):
@@ -110,29 +118,44 @@ def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Re
                     {k: str(v)[:200] for k, v in item.items() if k in {"message", "key", "source"}}
                 )
     return problem(
-        400, "validation_error", str(exc.detail)[:300] or "the request is malformed",
-        extra={"errors": errors}, request=request,
+        400,
+        "validation_error",
+        str(exc.detail)[:300] or "the request is malformed",
+        extra={"errors": errors},
+        request=request,
     )
 
 
 def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
     status = exc.status_code
     if status >= 500:
-        return problem(status, STATUS_CODE.get(status, "unavailable"), "the service is unavailable", request=request)
+        return problem(
+            status,
+            STATUS_CODE.get(status, "unavailable"),
+            "the service is unavailable",
+            request=request,
+        )
     code = STATUS_CODE.get(status, "client_error")
     detail = str(exc.detail) if exc.detail else TITLES.get(status, "error")
     headers = dict(exc.headers) if exc.headers else None
     return problem(status, code, detail[:300], headers=headers, request=request)
 
 
-def _unauthorized(request: Request[Any, Any, Any], exc: NotAuthorizedException) -> Response[dict[str, Any]]:
+def _unauthorized(
+    request: Request[Any, Any, Any], exc: NotAuthorizedException
+) -> Response[dict[str, Any]]:
     return problem(
-        401, "unauthorized", str(exc.detail or "a valid bearer credential is required"),
-        headers={"WWW-Authenticate": 'Bearer realm="storyvault"'}, request=request,
+        401,
+        "unauthorized",
+        str(exc.detail or "a valid bearer credential is required"),
+        headers={"WWW-Authenticate": 'Bearer realm="storyvault"'},
+        request=request,
     )
 
 
-def _forbidden(request: Request[Any, Any, Any], exc: PermissionDeniedException) -> Response[dict[str, Any]]:
+def _forbidden(
+    request: Request[Any, Any, Any], exc: PermissionDeniedException
+) -> Response[dict[str, Any]]:
     return problem(403, "forbidden", str(exc.detail or "forbidden"), request=request)
 
 
@@ -142,8 +165,10 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[
     # The message of an unexpected error may carry anything; log its type only.
     log.error("request.failed", error=type(exc).__name__, path=request.scope.get("path_template"))
     return problem(
-        HTTP_500_INTERNAL_SERVER_ERROR, "internal_error",
-        "an internal error occurred; nothing was disclosed", request=request,
+        HTTP_500_INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "an internal error occurred; nothing was disclosed",
+        request=request,
     )
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from governance.keys import KeyRing, KeyRingError
-from governance.models import DataKeyRow
+from governance.models import DATA_KEYS, DataKeyRow
 
 __all__ = ["DataKeys", "dek_aad"]
 
@@ -54,22 +54,26 @@ class DataKeys:
                 for dek_id in dek_ids:
                     self._cache.pop(dek_id, None)
 
-    async def for_write(self, session: AsyncSession, customer_id: str, scope: str) -> tuple[str, AESGCM]:
+    async def for_write(
+        self, session: AsyncSession, customer_id: str, scope: str
+    ) -> tuple[str, AESGCM]:
         """The live key of (customer, scope), created on first use."""
         row = (
             await session.execute(
-                select(DataKeyRow.id, DataKeyRow.kek_version, DataKeyRow.wrapped)
+                select(DATA_KEYS.id, DATA_KEYS.kek_version, DATA_KEYS.wrapped)
                 .where(
-                    DataKeyRow.customer_id == customer_id,
-                    DataKeyRow.scope == scope,
-                    DataKeyRow.destroyed_at.is_(None),  # type: ignore[union-attr]
+                    DATA_KEYS.customer_id == customer_id,
+                    DATA_KEYS.scope == scope,
+                    DATA_KEYS.destroyed_at.is_(None),
                 )
-                .order_by(DataKeyRow.created_at)  # type: ignore[arg-type]
+                .order_by(DATA_KEYS.created_at)
                 .limit(1)
             )
         ).first()
         if row is not None and row.wrapped is not None:
-            return row.id, await self._unwrap_one(customer_id, scope, row.id, row.kek_version, row.wrapped)
+            return row.id, await self._unwrap_one(
+                customer_id, scope, row.id, row.kek_version, row.wrapped
+            )
         dek_id = str(uuid.uuid4())
         raw = secrets.token_bytes(32)
         version, wrapped = self.ring.wrap(raw, dek_aad(customer_id, scope, dek_id))
@@ -116,11 +120,14 @@ class DataKeys:
             self.misses += len(missing)
             rows = await session.execute(
                 select(
-                    DataKeyRow.id, DataKeyRow.customer_id, DataKeyRow.scope,
-                    DataKeyRow.kek_version, DataKeyRow.wrapped,
+                    DATA_KEYS.id,
+                    DATA_KEYS.customer_id,
+                    DATA_KEYS.scope,
+                    DATA_KEYS.kek_version,
+                    DATA_KEYS.wrapped,
                 ).where(
-                    DataKeyRow.id.in_(missing),  # type: ignore[attr-defined]
-                    DataKeyRow.destroyed_at.is_(None),  # type: ignore[union-attr]
+                    DATA_KEYS.id.in_(missing),
+                    DATA_KEYS.destroyed_at.is_(None),
                 )
             )
             for row in rows:
@@ -138,17 +145,17 @@ class DataKeys:
         self, session: AsyncSession, customer_id: str, scopes: Iterable[str] | None
     ) -> list[str]:
         """Crypto-shred: forget the wrapped keys of these scopes (all when None)."""
-        stmt = select(DataKeyRow.id).where(
-            DataKeyRow.customer_id == customer_id,
-            DataKeyRow.destroyed_at.is_(None),  # type: ignore[union-attr]
+        stmt = select(DATA_KEYS.id).where(
+            DATA_KEYS.customer_id == customer_id,
+            DATA_KEYS.destroyed_at.is_(None),
         )
         if scopes is not None:
-            stmt = stmt.where(DataKeyRow.scope.in_(list(scopes)))  # type: ignore[attr-defined]
+            stmt = stmt.where(DATA_KEYS.scope.in_(list(scopes)))
         ids = list((await session.execute(stmt)).scalars())
         if ids:
             await session.execute(
                 update(DataKeyRow)
-                .where(DataKeyRow.id.in_(ids))  # type: ignore[attr-defined]
+                .where(DATA_KEYS.id.in_(ids))
                 .values(wrapped=None, destroyed_at=datetime.now(UTC))
             )
         self.forget(ids)
@@ -160,12 +167,15 @@ class DataKeys:
         rows = (
             await session.execute(
                 select(
-                    DataKeyRow.id, DataKeyRow.customer_id, DataKeyRow.scope,
-                    DataKeyRow.kek_version, DataKeyRow.wrapped,
+                    DATA_KEYS.id,
+                    DATA_KEYS.customer_id,
+                    DATA_KEYS.scope,
+                    DATA_KEYS.kek_version,
+                    DATA_KEYS.wrapped,
                 )
                 .where(
-                    DataKeyRow.kek_version != current,
-                    DataKeyRow.destroyed_at.is_(None),  # type: ignore[union-attr]
+                    DATA_KEYS.kek_version != current,
+                    DATA_KEYS.destroyed_at.is_(None),
                 )
                 .limit(limit)
             )
@@ -178,16 +188,14 @@ class DataKeys:
             version, wrapped = self.ring.wrap(raw, aad)
             await session.execute(
                 update(DataKeyRow)
-                .where(DataKeyRow.id == row.id, DataKeyRow.kek_version == row.kek_version)
+                .where(DATA_KEYS.id == row.id, DATA_KEYS.kek_version == row.kek_version)
                 .values(kek_version=version, wrapped=wrapped)
             )
         return len(rows)
 
     async def kek_versions_in_use(self, session: AsyncSession) -> set[int]:
         rows = await session.execute(
-            select(DataKeyRow.kek_version)
-            .where(DataKeyRow.destroyed_at.is_(None))  # type: ignore[union-attr]
-            .distinct()
+            select(DATA_KEYS.kek_version).where(DATA_KEYS.destroyed_at.is_(None)).distinct()
         )
         return set(rows.scalars())
 

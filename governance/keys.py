@@ -216,7 +216,10 @@ class KeyRing:
         key = self._derived.get(purpose)
         if key is None:
             key = HKDF(
-                algorithm=hashes.SHA256(), length=32, salt=None, info=f"storyvault/{purpose}".encode()
+                algorithm=hashes.SHA256(),
+                length=32,
+                salt=None,
+                info=f"storyvault/{purpose}".encode(),
             ).derive(self.root)
             self._derived[purpose] = key
         return key

@@ -17,14 +17,33 @@ __all__ = ["PERSONAL_KEYS", "configure_logging", "scrub_personal"]
 
 PERSONAL_KEYS = frozenset(
     {
-        "email", "name", "phone", "address", "birthday", "profile", "body", "value",
-        "values", "code", "token", "secret", "password", "authorization", "cookie",
-        "external_ref", "query_string", "headers", "request_body", "text",
+        "email",
+        "name",
+        "phone",
+        "address",
+        "birthday",
+        "profile",
+        "body",
+        "value",
+        "values",
+        "code",
+        "token",
+        "secret",
+        "password",
+        "authorization",
+        "cookie",
+        "external_ref",
+        "query_string",
+        "headers",
+        "request_body",
+        "text",
     }
 )
 
 
-def scrub_personal(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def scrub_personal(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key in PERSONAL_KEYS.intersection(event):
         event[key] = "[scrubbed]"
     return event

@@ -7,11 +7,20 @@ index; every personal value lives in a ``sealed`` column (see governance.keys).
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import Column, DateTime, Index, LargeBinary, Table, UniqueConstraint
+from sqlalchemy.sql.base import ReadOnlyColumnCollection
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "API_KEYS",
+    "CHAPTERS",
+    "CUSTOMERS",
+    "DATA_KEYS",
+    "EMAIL_INDEX",
+    "PROFILE_VALUES",
+    "TEAMS",
     "ApiKeyRow",
     "AppMetaRow",
     "ChapterRow",
@@ -20,6 +29,7 @@ __all__ = [
     "EmailIndexRow",
     "ProfileValueRow",
     "TeamRow",
+    "columns",
 ]
 
 
@@ -121,3 +131,20 @@ class AppMetaRow(SQLModel, table=True):
 
     key: str = Field(primary_key=True, max_length=64)
     value: str = Field(max_length=2000)
+
+
+def columns(model: type[SQLModel]) -> ReadOnlyColumnCollection[str, Column[Any]]:
+    """The typed Core columns of a table model, for queries on the hot path."""
+    table = model.__table__  # type: ignore[attr-defined]  # set by SQLModel for table=True
+    assert isinstance(table, Table)
+    cols: ReadOnlyColumnCollection[str, Column[Any]] = table.c
+    return cols
+
+
+CUSTOMERS = columns(CustomerRow)
+DATA_KEYS = columns(DataKeyRow)
+PROFILE_VALUES = columns(ProfileValueRow)
+CHAPTERS = columns(ChapterRow)
+EMAIL_INDEX = columns(EmailIndexRow)
+TEAMS = columns(TeamRow)
+API_KEYS = columns(ApiKeyRow)

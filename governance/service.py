@@ -35,7 +35,9 @@ class StoryVault:
     def __init__(self, settings: Settings, *, catalog: Catalog | None = None) -> None:
         self.settings = settings
         self.catalog = catalog or load_catalog(settings.catalog_path)
-        self.ring, self.ring_created = KeyRing.load_or_create(settings.data_dir, settings.keyring_json)
+        self.ring, self.ring_created = KeyRing.load_or_create(
+            settings.data_dir, settings.keyring_json
+        )
         self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.keys = DataKeys(
             self.ring, cache_size=settings.dek_cache_size, cache_ttl=settings.dek_cache_ttl
@@ -89,7 +91,11 @@ class StoryVault:
 
     # --- the story ---------------------------------------------------------
     async def create_customer(
-        self, principal: Principal, purpose: str | None, *, external_ref: str | None,
+        self,
+        principal: Principal,
+        purpose: str | None,
+        *,
+        external_ref: str | None,
         profile: Mapping[str, object],
     ) -> str:
         self.check_purpose(purpose)
@@ -103,14 +109,19 @@ class StoryVault:
         log.info("customer.created", team=principal.team, customer=self.ring.pseudonym(customer_id))
         return customer_id
 
-    async def find_customers(self, principal: Principal, purpose: str | None, email: str) -> list[str]:
+    async def find_customers(
+        self, principal: Principal, purpose: str | None, email: str
+    ) -> list[str]:
         self.check_purpose(purpose)
         self.require_admin(principal)
         async with self.db.session() as session:
             return await self.vault.find_by_email(session, email)
 
     async def update_profile(
-        self, principal: Principal, purpose: str | None, customer_id: str,
+        self,
+        principal: Principal,
+        purpose: str | None,
+        customer_id: str,
         changes: Mapping[str, object],
     ) -> None:
         self.check_purpose(purpose)
@@ -122,8 +133,15 @@ class StoryVault:
             await session.commit()
 
     async def add_chapter(
-        self, principal: Principal, purpose: str | None, customer_id: str, *,
-        category: str, kind: str, occurred_at: datetime, body: object,
+        self,
+        principal: Principal,
+        purpose: str | None,
+        customer_id: str,
+        *,
+        category: str,
+        kind: str,
+        occurred_at: datetime,
+        body: object,
     ) -> str:
         self.check_purpose(purpose)
         self.require_admin(principal)
@@ -131,8 +149,13 @@ class StoryVault:
         async with self.db.session() as session:
             await self.vault.require_active(session, customer_id)
             chapter_id = await self.vault.add_chapter(
-                session, customer_id, category=category, kind=kind, occurred_at=occurred_at,
-                body=encoded, author_team=principal.team,
+                session,
+                customer_id,
+                category=category,
+                kind=kind,
+                occurred_at=occurred_at,
+                body=encoded,
+                author_team=principal.team,
             )
             await session.commit()
         return chapter_id

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from governance.errors import Conflict, InvalidInput, NotFound
 from governance.keys import KeyRing
-from governance.models import ApiKeyRow, TeamRow
+from governance.models import API_KEYS, TEAMS, ApiKeyRow, TeamRow
 
 __all__ = ["ADMIN_ROLE", "IssuedKey", "Principal", "Teams"]
 
@@ -66,11 +66,15 @@ class Teams:
         self.check_name(name)
         unknown = set(roles) - KNOWN_ROLES
         if unknown:
-            raise InvalidInput(f"unknown role(s): {', '.join(sorted(unknown))[:100]}", code="invalid_role")
+            raise InvalidInput(
+                f"unknown role(s): {', '.join(sorted(unknown))[:100]}", code="invalid_role"
+            )
         if await session.get(TeamRow, name) is not None:
             raise Conflict(f"team '{name}' exists", code="team_exists")
         row = TeamRow(
-            name=name, roles=",".join(sorted(set(roles))), description=description[:500],
+            name=name,
+            roles=",".join(sorted(set(roles))),
+            description=description[:500],
             created_at=datetime.now(UTC),
         )
         session.add(row)
@@ -78,10 +82,10 @@ class Teams:
         return row
 
     async def list_teams(self, session: AsyncSession) -> list[TeamRow]:
-        return list((await session.execute(select(TeamRow).order_by(TeamRow.name))).scalars())
+        return list((await session.execute(select(TeamRow).order_by(TEAMS.name))).scalars())
 
     async def team_names(self, session: AsyncSession) -> set[str]:
-        return set((await session.execute(select(TeamRow.name))).scalars())
+        return set((await session.execute(select(TEAMS.name))).scalars())
 
     async def issue_key(
         self, session: AsyncSession, team: str, *, label: str = "", secret: str | None = None
@@ -93,27 +97,32 @@ class Teams:
         now = datetime.now(UTC)
         session.add(
             ApiKeyRow(
-                id=key_id, team=team, digest=self.ring.token_digest(secret),
-                label=label[:200], created_at=now,
+                id=key_id,
+                team=team,
+                digest=self.ring.token_digest(secret),
+                label=label[:200],
+                created_at=now,
             )
         )
         await session.flush()
         return IssuedKey(id=key_id, team=team, secret=secret, created_at=now)
 
-    async def ensure_key(self, session: AsyncSession, team: str, secret: str, *, key_id: str) -> None:
+    async def ensure_key(
+        self, session: AsyncSession, team: str, secret: str, *, key_id: str
+    ) -> None:
         """Make ``secret`` a valid key of ``team`` (the STORYVAULT_ADMIN_KEY bootstrap)."""
         digest = self.ring.token_digest(secret)
-        existing = (
-            await session.execute(select(ApiKeyRow).where(ApiKeyRow.digest == digest))
-        ).scalar_one_or_none()
+        existing = await session.get(ApiKeyRow, key_id)
         if existing is not None:
-            if existing.revoked_at is not None or existing.team != team:
-                existing.revoked_at = None
-                existing.team = team
+            # The environment is the source of truth: its value replaces the stored one.
+            existing.digest, existing.team, existing.revoked_at = digest, team, None
             return
         session.add(
             ApiKeyRow(
-                id=key_id, team=team, digest=digest, label="bootstrap (environment)",
+                id=key_id,
+                team=team,
+                digest=digest,
+                label="bootstrap (environment)",
                 created_at=datetime.now(UTC),
             )
         )
@@ -121,10 +130,10 @@ class Teams:
     async def revoke_key(self, session: AsyncSession, key_id: str) -> None:
         result = await session.execute(
             update(ApiKeyRow)
-            .where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))  # type: ignore[union-attr]
+            .where(API_KEYS.id == key_id, API_KEYS.revoked_at.is_(None))
             .values(revoked_at=datetime.now(UTC))
         )
-        if result.rowcount == 0:  # type: ignore[attr-defined]
+        if getattr(result, "rowcount", 0) == 0:
             raise NotFound("no such active key", code="key_not_found")
 
     async def authenticate(self, session: AsyncSession, secret: str) -> Principal | None:
@@ -132,9 +141,9 @@ class Teams:
             return None
         row = (
             await session.execute(
-                select(ApiKeyRow.id, ApiKeyRow.team, ApiKeyRow.revoked_at, TeamRow.roles)
-                .join(TeamRow, TeamRow.name == ApiKeyRow.team)  # type: ignore[arg-type]
-                .where(ApiKeyRow.digest == self.ring.token_digest(secret))
+                select(API_KEYS.id, API_KEYS.team, API_KEYS.revoked_at, TEAMS.roles)
+                .join(TeamRow, TEAMS.name == API_KEYS.team)
+                .where(API_KEYS.digest == self.ring.token_digest(secret))
             )
         ).first()
         if row is None or row.revoked_at is not None:

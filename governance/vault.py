@@ -23,7 +23,16 @@ from governance.catalog import Catalog
 from governance.datakeys import DataKeys
 from governance.errors import InvalidInput, NotFound
 from governance.keys import KeyRing, open_value, seal_value, value_aad
-from governance.models import ChapterRow, CustomerRow, EmailIndexRow, ProfileValueRow
+from governance.models import (
+    CHAPTERS,
+    CUSTOMERS,
+    EMAIL_INDEX,
+    PROFILE_VALUES,
+    ChapterRow,
+    CustomerRow,
+    EmailIndexRow,
+    ProfileValueRow,
+)
 
 __all__ = ["Chapter", "Story", "Vault"]
 
@@ -88,9 +97,13 @@ class Vault:
                     code="invalid_value",
                 )
             if spec.type == "email" and not _EMAIL.match(value):
-                raise InvalidInput(f"profile field '{name}' is not an e-mail address", code="invalid_value")
+                raise InvalidInput(
+                    f"profile field '{name}' is not an e-mail address", code="invalid_value"
+                )
             if spec.type == "phone" and not _PHONE.match(value):
-                raise InvalidInput(f"profile field '{name}' is not a phone number", code="invalid_value")
+                raise InvalidInput(
+                    f"profile field '{name}' is not a phone number", code="invalid_value"
+                )
             if spec.type == "date":
                 try:
                     date.fromisoformat(value)
@@ -137,7 +150,7 @@ class Vault:
             )
             if self.catalog.profile_fields[name].type == "email":
                 await session.execute(
-                    delete(EmailIndexRow).where(EmailIndexRow.customer_id == customer_id)
+                    delete(EmailIndexRow).where(EMAIL_INDEX.customer_id == customer_id)
                 )
                 session.add(
                     EmailIndexRow(blind_index=self.ring.blind_index(value), customer_id=customer_id)
@@ -150,8 +163,11 @@ class Vault:
         now = _now()
         session.add(
             CustomerRow(
-                id=customer_id, external_ref=external_ref, status="active",
-                created_at=now, updated_at=now,
+                id=customer_id,
+                external_ref=external_ref,
+                status="active",
+                created_at=now,
+                updated_at=now,
             )
         )
         await session.flush()
@@ -175,16 +191,16 @@ class Vault:
         if removed:
             await session.execute(
                 delete(ProfileValueRow).where(
-                    ProfileValueRow.customer_id == customer_id,
-                    ProfileValueRow.field.in_(removed),  # type: ignore[attr-defined]
+                    PROFILE_VALUES.customer_id == customer_id,
+                    PROFILE_VALUES.field.in_(removed),
                 )
             )
             if any(self.catalog.profile_fields[k].type == "email" for k in removed):
                 await session.execute(
-                    delete(EmailIndexRow).where(EmailIndexRow.customer_id == customer_id)
+                    delete(EmailIndexRow).where(EMAIL_INDEX.customer_id == customer_id)
                 )
         await session.execute(
-            update(CustomerRow).where(CustomerRow.id == customer_id).values(updated_at=now)
+            update(CustomerRow).where(CUSTOMERS.id == customer_id).values(updated_at=now)
         )
 
     async def add_chapter(
@@ -219,13 +235,13 @@ class Vault:
     # --- reads -----------------------------------------------------------
     async def find_by_email(self, session: AsyncSession, email: str) -> list[str]:
         rows = await session.execute(
-            select(EmailIndexRow.customer_id)
-            .join(CustomerRow, CustomerRow.id == EmailIndexRow.customer_id)  # type: ignore[arg-type]
+            select(EMAIL_INDEX.customer_id)
+            .join(CustomerRow, CUSTOMERS.id == EMAIL_INDEX.customer_id)
             .where(
-                EmailIndexRow.blind_index == self.ring.blind_index(email),
-                CustomerRow.status != "erased",
+                EMAIL_INDEX.blind_index == self.ring.blind_index(email),
+                CUSTOMERS.status != "erased",
             )
-            .order_by(EmailIndexRow.customer_id)
+            .order_by(EMAIL_INDEX.customer_id)
         )
         return list(rows.scalars())
 
@@ -244,25 +260,34 @@ class Vault:
         if wanted is not None and not wanted:
             return story
         pstmt = select(
-            ProfileValueRow.field, ProfileValueRow.category,
-            ProfileValueRow.dek_id, ProfileValueRow.sealed,
-        ).where(ProfileValueRow.customer_id == customer_id)
+            PROFILE_VALUES.field,
+            PROFILE_VALUES.category,
+            PROFILE_VALUES.dek_id,
+            PROFILE_VALUES.sealed,
+        ).where(PROFILE_VALUES.customer_id == customer_id)
         cstmt = (
             select(
-                ChapterRow.id, ChapterRow.category, ChapterRow.kind, ChapterRow.occurred_at,
-                ChapterRow.author_team, ChapterRow.dek_id, ChapterRow.sealed,
+                CHAPTERS.id,
+                CHAPTERS.category,
+                CHAPTERS.kind,
+                CHAPTERS.occurred_at,
+                CHAPTERS.author_team,
+                CHAPTERS.dek_id,
+                CHAPTERS.sealed,
             )
-            .where(ChapterRow.customer_id == customer_id)
-            .order_by(ChapterRow.occurred_at, ChapterRow.id)  # type: ignore[arg-type]
+            .where(CHAPTERS.customer_id == customer_id)
+            .order_by(CHAPTERS.occurred_at, CHAPTERS.id)
         )
         if wanted is not None:
-            pstmt = pstmt.where(ProfileValueRow.category.in_(wanted))  # type: ignore[attr-defined]
-            cstmt = cstmt.where(ChapterRow.category.in_(wanted))  # type: ignore[attr-defined]
+            pstmt = pstmt.where(PROFILE_VALUES.category.in_(wanted))
+            cstmt = cstmt.where(CHAPTERS.category.in_(wanted))
         if chapter_limit is not None:
             cstmt = cstmt.limit(chapter_limit)
         prow = (await session.execute(pstmt)).all()
         crow = (await session.execute(cstmt)).all()
-        keys = await self.keys.for_read(session, {r.dek_id for r in prow} | {r.dek_id for r in crow})
+        keys = await self.keys.for_read(
+            session, {r.dek_id for r in prow} | {r.dek_id for r in crow}
+        )
         for r in prow:
             aead = keys.get(r.dek_id)
             if aead is None:
@@ -271,15 +296,18 @@ class Vault:
                 aead, r.sealed, value_aad(customer_id, r.field, r.field, r.dek_id)
             ).decode()
             story.profile_categories[r.field] = r.category
-        for r in crow:
-            aead = keys.get(r.dek_id)
+        for c in crow:
+            aead = keys.get(c.dek_id)
             if aead is None:
                 continue
-            body = open_value(aead, r.sealed, value_aad(customer_id, r.id, r.category, r.dek_id))
+            body = open_value(aead, c.sealed, value_aad(customer_id, c.id, c.category, c.dek_id))
             story.chapters.append(
                 Chapter(
-                    id=r.id, category=r.category, kind=r.kind,
-                    occurred_at=_as_utc(r.occurred_at), author_team=r.author_team,
+                    id=c.id,
+                    category=c.category,
+                    kind=c.kind,
+                    occurred_at=_as_utc(c.occurred_at),
+                    author_team=c.author_team,
                     body=json.loads(body),
                 )
             )

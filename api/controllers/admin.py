@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, delete, get, post
-from litestar.params import Parameter
+from litestar.params import JSONBody, Parameter
 
 from api.auth import require_admin
+from api.deps import VaultDep
 from api.schemas import KeyCreate, KeyIssued, TeamCreate, TeamRead
-from governance.service import StoryVault
 
 
 class TeamsController(Controller):
@@ -18,33 +18,43 @@ class TeamsController(Controller):
     guards = [require_admin]
 
     @get("/teams", operation_id="listTeams")
-    async def list_teams(self, vault: StoryVault) -> list[TeamRead]:
+    async def list_teams(self, vault: VaultDep) -> list[TeamRead]:
         async with vault.db.session() as session:
             rows = await vault.teams.list_teams(session)
         return [
             TeamRead(
-                name=r.name, roles=[x for x in r.roles.split(",") if x],
-                description=r.description, created_at=r.created_at,
+                name=r.name,
+                roles=[x for x in r.roles.split(",") if x],
+                description=r.description,
+                created_at=r.created_at,
             )
             for r in rows
         ]
 
     @post("/teams", operation_id="createTeam", status_code=201)
-    async def create_team(self, vault: StoryVault, data: TeamCreate) -> TeamRead:
+    async def create_team(self, vault: VaultDep, data: JSONBody[TeamCreate]) -> TeamRead:
         row = await vault.create_team(data.name, roles=data.roles, description=data.description)
         return TeamRead(
-            name=row.name, roles=[x for x in row.roles.split(",") if x],
-            description=row.description, created_at=row.created_at,
+            name=row.name,
+            roles=[x for x in row.roles.split(",") if x],
+            description=row.description,
+            created_at=row.created_at,
         )
 
     @post("/teams/{team:str}/keys", operation_id="issueKey", status_code=201)
     async def issue_key(
-        self, vault: StoryVault, team: Annotated[str, Parameter(max_length=64)],
-        data: KeyCreate | None = None,
+        self,
+        vault: VaultDep,
+        team: Annotated[str, Parameter(max_length=64)],
+        data: JSONBody[KeyCreate | None] = None,
     ) -> KeyIssued:
         issued = await vault.issue_key(team, label=data.label if data else "")
-        return KeyIssued(id=issued.id, team=issued.team, key=issued.secret, created_at=issued.created_at)
+        return KeyIssued(
+            id=issued.id, team=issued.team, key=issued.secret, created_at=issued.created_at
+        )
 
     @delete("/keys/{key_id:str}", operation_id="revokeKey", status_code=204)
-    async def revoke_key(self, vault: StoryVault, key_id: Annotated[str, Parameter(max_length=64)]) -> None:
+    async def revoke_key(
+        self, vault: VaultDep, key_id: Annotated[str, Parameter(max_length=64)]
+    ) -> None:
         await vault.revoke_key(key_id)

@@ -7,8 +7,8 @@ from typing import Any
 from litestar import get
 from litestar.response import Response
 
+from api.deps import VaultDep
 from api.problems import problem
-from governance.service import StoryVault
 
 
 @get("/health", operation_id="health", tags=["operations"], sync_to_thread=False)
@@ -17,7 +17,7 @@ def health() -> dict[str, str]:
 
 
 @get("/ready", operation_id="ready", tags=["operations"])
-async def ready(vault: StoryVault) -> Response[dict[str, Any]]:
+async def ready(vault: VaultDep) -> Response[dict[str, Any]]:
     try:
         checks = await vault.ready()
     except Exception as exc:  # noqa: BLE001  (any failure means not ready; its type is the answer)
