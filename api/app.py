@@ -16,6 +16,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from api.auth import PUBLIC_PATHS, BearerAuthMiddleware
 from api.controllers.admin import TeamsController
 from api.controllers.customers import CustomersController
+from api.controllers.me import SessionController, SignInController
 from api.controllers.ops import health, ready
 from api.middleware import RequestLogMiddleware
 from api.problems import exception_handlers
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
             ready,
             CustomersController,
             TeamsController,
+            SignInController,
+            SessionController,
             PrometheusController,
         ],
         dependencies={"vault": Provide(provide_vault)},

@@ -6,6 +6,7 @@ Domain errors of every package carry ``code`` and ``kind``; this module maps
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 import structlog
@@ -163,7 +164,13 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[
     if hasattr(exc, "code") and hasattr(exc, "kind"):
         return _domain(request, exc)
     # The message of an unexpected error may carry anything; log its type only.
-    log.error("request.failed", error=type(exc).__name__, path=request.scope.get("path_template"))
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    log.error(
+        "request.failed",
+        error=type(exc).__name__,
+        route=request.scope.get("path_template"),
+        where=[f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in frames],
+    )
     return problem(
         HTTP_500_INTERNAL_SERVER_ERROR,
         "internal_error",

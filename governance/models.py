@@ -17,16 +17,20 @@ __all__ = [
     "API_KEYS",
     "CHAPTERS",
     "CUSTOMERS",
+    "CUSTOMER_SESSIONS",
     "DATA_KEYS",
     "EMAIL_INDEX",
+    "LOGIN_CODES",
     "PROFILE_VALUES",
     "TEAMS",
     "ApiKeyRow",
     "AppMetaRow",
     "ChapterRow",
     "CustomerRow",
+    "CustomerSessionRow",
     "DataKeyRow",
     "EmailIndexRow",
+    "LoginCodeRow",
     "ProfileValueRow",
     "TeamRow",
     "columns",
@@ -148,3 +152,41 @@ CHAPTERS = columns(ChapterRow)
 EMAIL_INDEX = columns(EmailIndexRow)
 TEAMS = columns(TeamRow)
 API_KEYS = columns(ApiKeyRow)
+
+
+class LoginCodeRow(SQLModel, table=True):
+    """A one-time sign-in code: stored as a keyed digest, bound to the address's blind index.
+
+    Rows exist for unknown addresses too (with no customer and no mail sent), so
+    attempts, lockout and rate limits behave the same and reveal nothing.
+    """
+
+    __tablename__ = "login_codes"
+    __table_args__ = (Index("ix_login_codes_index_time", "blind_index", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    blind_index: str = Field(max_length=64)
+    client_digest: str = Field(max_length=64, index=True)
+    customer_id: str | None = Field(default=None, max_length=36)
+    code_digest: str = Field(max_length=64)
+    attempts: int = 0
+    created_at: datetime = Field(sa_column=_ts())
+    expires_at: datetime = Field(sa_column=_ts())
+    used_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class CustomerSessionRow(SQLModel, table=True):
+    """A customer session: an opaque token stored as a keyed digest."""
+
+    __tablename__ = "customer_sessions"
+
+    id: str = Field(primary_key=True, max_length=36)
+    digest: str = Field(max_length=64, unique=True)
+    customer_id: str = Field(max_length=36, index=True)
+    created_at: datetime = Field(sa_column=_ts())
+    expires_at: datetime = Field(sa_column=_ts())
+    revoked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+LOGIN_CODES = columns(LoginCodeRow)
+CUSTOMER_SESSIONS = columns(CustomerSessionRow)

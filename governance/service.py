@@ -15,7 +15,9 @@ from governance.catalog import Catalog, load_catalog
 from governance.datakeys import DataKeys, check_ring_fits
 from governance.db import Database
 from governance.errors import Forbidden, InvalidInput
+from governance.identity import CustomerPrincipal, Identity
 from governance.keys import KeyRing
+from governance.mail import Mailer
 from governance.models import AppMetaRow
 from governance.settings import Settings
 from governance.teams import ADMIN_ROLE, IssuedKey, Principal, Teams
@@ -44,6 +46,10 @@ class StoryVault:
         )
         self.vault = Vault(self.ring, self.catalog, self.keys)
         self.teams = Teams(self.ring)
+        self.identity = Identity(
+            self.ring, code_ttl=settings.login_code_ttl, session_ttl=settings.session_ttl
+        )
+        self.mailer = Mailer(settings.mail_url)
         self.demo_keys: list[IssuedKey] = []
 
     # --- lifecycle -------------------------------------------------------
@@ -165,8 +171,42 @@ class StoryVault:
         async with self.db.session() as session:
             return await self.teams.authenticate(session, secret)
 
-    async def authenticate_customer(self, token: str) -> Any:
-        return None
+    async def authenticate_customer(self, token: str) -> CustomerPrincipal | None:
+        async with self.db.session() as session:
+            return await self.identity.authenticate(session, token)
+
+    # --- customer sign-in ------------------------------------------------------
+    async def login(self, email: str, client: str) -> None:
+        """Start a sign-in; the caller answers 202 whatever happens here."""
+        email = email.strip()
+        if not 3 <= len(email) <= 320 or "@" not in email:
+            raise InvalidInput("'email' must be an e-mail address", code="invalid_value")
+        async with self.db.session() as session:
+            ids = await self.vault.find_by_email(session, email)
+            customer_id = ids[0] if len(ids) == 1 else None
+            code = await self.identity.start_login(session, email, client, customer_id)
+            await session.commit()
+        if code is not None:
+            minutes = self.settings.login_code_ttl // 60
+            await self.mailer.send(
+                email,
+                "Your Story Vault sign-in code",
+                f"Your sign-in code is {code}\n\nIt is valid for {minutes} minutes and can be "
+                "used once. If you did not ask for it, ignore this message.\n",
+            )
+            log.info("login.code_sent", customer=self.ring.pseudonym(customer_id or ""))
+
+    async def verify_login(self, email: str, code: str) -> tuple[str, datetime]:
+        async with self.db.session() as session:
+            customer_id, token, expires = await self.identity.verify(session, email, code)
+            await session.commit()
+        log.info("login.verified", customer=self.ring.pseudonym(customer_id))
+        return token, expires
+
+    async def logout(self, principal: CustomerPrincipal) -> None:
+        async with self.db.session() as session:
+            await self.identity.logout(session, principal.session_id)
+            await session.commit()
 
     async def create_team(self, name: str, *, roles: list[str], description: str) -> Any:
         async with self.db.session() as session:
