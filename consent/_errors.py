@@ -24,60 +24,60 @@ class ConsentError(Exception):
         self.message = message
 
 
-class UnknownPurpose(ConsentError):  # noqa: N818 - domain name, not a suffix-style error
+class UnknownPurpose(ConsentError):
     code = "unknown_purpose"
     kind = "not_found"
 
 
-class NotConsentBased(ConsentError):  # noqa: N818
+class NotConsentBased(ConsentError):
     """Grant/withdraw on a purpose whose legal basis is not consent."""
 
     code = "not_consent_based"
     kind = "invalid"
 
 
-class InvalidSubject(ConsentError):  # noqa: N818
+class InvalidSubject(ConsentError):
     """The subject is not an opaque pseudonym (empty, too long, looks like an e-mail)."""
 
     code = "invalid_subject"
     kind = "invalid"
 
 
-class InvalidChannel(ConsentError):  # noqa: N818
+class InvalidChannel(ConsentError):
     code = "invalid_channel"
     kind = "invalid"
 
 
-class EvidenceRequired(ConsentError):  # noqa: N818
+class EvidenceRequired(ConsentError):
     """Consent captured elsewhere must name who imports it and what proves it."""
 
     code = "evidence_required"
     kind = "invalid"
 
 
-class InvalidActor(ConsentError):  # noqa: N818
+class InvalidActor(ConsentError):
     code = "invalid_actor"
     kind = "invalid"
 
 
-class InvalidCaptureTime(ConsentError):  # noqa: N818
+class InvalidCaptureTime(ConsentError):
     code = "invalid_capture_time"
     kind = "invalid"
 
 
-class UniverseRequired(ConsentError):  # noqa: N818
+class UniverseRequired(ConsentError):
     """An audience of a non-consent purpose needs the caller's set of subjects."""
 
     code = "universe_required"
     kind = "invalid"
 
 
-class InvalidReceipt(ConsentError):  # noqa: N818
+class InvalidReceipt(ConsentError):
     code = "invalid_receipt"
     kind = "invalid"
 
 
-class LedgerUnavailable(ConsentError):  # noqa: N818
+class LedgerUnavailable(ConsentError):
     """The ledger could not be sequenced (lock timeout, database unreachable)."""
 
     code = "ledger_unavailable"

@@ -12,6 +12,11 @@ hash:
   SQLite's single RESERVED lock before anything is read, so two appenders can
   never read the same last index (the same effect as ``BEGIN IMMEDIATE``).
 
+On PostgreSQL the append transaction must run at READ COMMITTED (the
+default): each statement after the lock then sees every append committed
+before the lock was granted. Under REPEATABLE READ the snapshot would be taken
+before waiting for the lock.
+
 The lock also covers the read-decide-write of the projection row, so rules that
 depend on the current state (GPC idempotency, lifting an objection, renewed
 consent) see the state as of their own position in the ledger.
@@ -61,7 +66,7 @@ from ._types import (
     Reason,
 )
 
-CONSENT_LEDGER_LOCK_KEY = int.from_bytes(b"SV-CONS1", "big")  # 6004793246773105457
+CONSENT_LEDGER_LOCK_KEY = int.from_bytes(b"SV-CONS1", "big")  # 6005036920261727025
 """PostgreSQL advisory lock key that sequences consent ledger appends."""
 
 _MAX_TEXT = 200
@@ -558,8 +563,7 @@ def _not_consent_based(terms: PurposeTerms, verb: str) -> NotConsentBased:
     else:
         detail = "it cannot be granted or withdrawn"
     return NotConsentBased(
-        f"purpose {terms.name!r} is based on {basis}, not consent: "
-        f"it cannot be {verb} ({detail})"
+        f"purpose {terms.name!r} is based on {basis}, not consent: it cannot be {verb} ({detail})"
     )
 
 
@@ -624,4 +628,3 @@ async def verify_chain(session: AsyncSession, *, batch_size: int = 1000) -> int 
             expected += 1
         if len(rows) < batch_size:
             return None
-

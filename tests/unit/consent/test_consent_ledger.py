@@ -123,9 +123,16 @@ async def _seed(ledger: Ledger, sessions: Sessions, n: int = 6) -> None:
 
 
 async def _tamper(engine: AsyncEngine, *statements: str) -> None:
+    drops = {
+        "sqlite": [
+            "DROP TRIGGER IF EXISTS consent_event_no_update",
+            "DROP TRIGGER IF EXISTS consent_event_no_delete",
+        ],
+        "postgresql": ["DROP TRIGGER IF EXISTS consent_event_no_change ON consent_event"],
+    }[engine.dialect.name]
     async with engine.begin() as conn:
-        await conn.execute(text("DROP TRIGGER IF EXISTS consent_event_no_update"))
-        await conn.execute(text("DROP TRIGGER IF EXISTS consent_event_no_delete"))
+        for drop in drops:
+            await conn.execute(text(drop))
         for statement in statements:
             await conn.execute(text(statement))
 

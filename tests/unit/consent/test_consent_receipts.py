@@ -35,7 +35,8 @@ def published(signer: ReceiptSigner, *others: tuple[str, Ed25519PrivateKey]) -> 
     """The JWKS document as served, round-tripped through JSON."""
     keys = {signer.key_id: signer.public_key}
     keys.update({kid: key.public_key() for kid, key in others})
-    return json.loads(json.dumps(jwks(keys)))
+    document: dict[str, Any] = json.loads(json.dumps(jwks(keys)))
+    return document
 
 
 def pyjwt_verify(token: str, document: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from consent import (
     InvalidChannel,
     InvalidSubject,
     Ledger,
+    LedgerUnavailable,
     LegalBasis,
     NotConsentBased,
     PurposeState,
@@ -322,3 +323,26 @@ async def test_joins_a_caller_transaction(ledger: Ledger, sessions: Sessions) ->
     assert {k: v.snapshot() for k, v in states.items()} == {
         (k[1]): v.snapshot() for k, v in replay(events).items()
     }
+
+
+async def test_write_lock_timeout_is_unavailable(
+    ledger: Ledger, consent_engine: Any, tmp_path: Any
+) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    if consent_engine.dialect.name != "sqlite":
+        pytest.skip("SQLite busy-timeout behaviour")
+    impatient = create_async_engine(
+        f"sqlite+aiosqlite:///{tmp_path / 'consent.db'}", connect_args={"timeout": 0.05}
+    )
+    try:
+        async with consent_engine.connect() as holder:
+            await holder.execute(text("UPDATE consent_state SET state = state WHERE 1 = 0"))
+            async with async_sessionmaker(impatient)() as s:
+                with pytest.raises(LedgerUnavailable) as caught:
+                    await ledger.grant(s, SUBJECT, "marketing.email")
+            await holder.rollback()
+    finally:
+        await impatient.dispose()
+    assert caught.value.kind == "unavailable"
