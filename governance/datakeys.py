@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from cachetools import TTLCache
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from governance.keys import KeyRing, KeyRingError
@@ -74,22 +74,26 @@ class DataKeys:
             return row.id, await self._unwrap_one(
                 customer_id, scope, row.id, row.kek_version, row.wrapped
             )
+        dek_id, aead, row_values = self.new_key(customer_id, scope)
+        await session.execute(insert(DataKeyRow).values(row_values))
+        return dek_id, aead
+
+    def new_key(self, customer_id: str, scope: str) -> tuple[str, AESGCM, dict[str, object]]:
+        """A fresh data key and the row that stores it wrapped (for a bulk insert)."""
         dek_id = str(uuid.uuid4())
         raw = secrets.token_bytes(32)
         version, wrapped = self.ring.wrap(raw, dek_aad(customer_id, scope, dek_id))
-        session.add(
-            DataKeyRow(
-                id=dek_id,
-                customer_id=customer_id,
-                scope=scope,
-                kek_version=version,
-                wrapped=wrapped,
-                created_at=datetime.now(UTC),
-            )
-        )
         aead = AESGCM(raw)
         self._remember(dek_id, aead)
-        return dek_id, aead
+        row = {
+            "id": dek_id,
+            "customer_id": customer_id,
+            "scope": scope,
+            "kek_version": version,
+            "wrapped": wrapped,
+            "created_at": datetime.now(UTC),
+        }
+        return dek_id, aead, row
 
     async def _unwrap_one(
         self, customer_id: str, scope: str, dek_id: str, version: int, wrapped: bytes

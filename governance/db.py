@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -64,11 +65,16 @@ class Database:
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute(f"PRAGMA synchronous={sync}")
-                cur.execute("PRAGMA busy_timeout=10000")
+                cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
 
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time and its busy handler is not fair: under
+        # steady load a waiting writer can starve past any timeout. Writers in
+        # this process therefore queue on a FIFO lock; other processes (several
+        # workers on one file) still meet the busy timeout as a last resort.
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     @property
     def dialect(self) -> str:
@@ -77,6 +83,16 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def write_session(self) -> AsyncIterator[AsyncSession]:
+        """A session for a write transaction (serialized in-process on SQLite)."""
+        if self._write_lock is None:
+            async with self.sessions() as session:
+                yield session
+            return
+        async with self._write_lock, self.sessions() as session:
             yield session
 
     async def upgrade(self) -> None:

@@ -190,7 +190,7 @@ def demo_stories(count: int = 50, seed: int = 7) -> list[dict[str, Any]]:
 async def load_demo(vault: StoryVault) -> list[IssuedKey]:
     """Create the demo teams and keys, and the demo customers; return the keys."""
     issued: list[IssuedKey] = []
-    async with vault.db.session() as session:
+    async with vault.db.write_session() as session:
         for team, description in DEMO_TEAMS.items():
             if team not in await vault.teams.team_names(session):
                 await vault.teams.create_team(session, team, roles=[], description=description)
@@ -199,7 +199,7 @@ async def load_demo(vault: StoryVault) -> list[IssuedKey]:
         await session.commit()
     await vault.seed_demo_policy()
     for story in demo_stories():
-        async with vault.db.session() as session:
+        async with vault.db.write_session() as session:
             customer_id = await vault.vault.create_customer(
                 session, external_ref=story["external_ref"], profile=story["profile"]
             )

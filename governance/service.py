@@ -49,14 +49,14 @@ class StoryVault:
         self.identity = Identity(
             self.ring, code_ttl=settings.login_code_ttl, session_ttl=settings.session_ttl
         )
-        self.mailer = Mailer(settings.mail_url)
+        self.mailer = Mailer(settings.mail_url or f"file://{settings.data_dir / 'outbox'}")
         self.demo_keys: list[IssuedKey] = []
 
     # --- lifecycle -------------------------------------------------------
     async def start(self, *, migrate: bool = True) -> None:
         if migrate:
             await self.db.upgrade()
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             check_ring_fits(self.ring, await self.keys.kek_versions_in_use(session))
             fresh = await session.get(AppMetaRow, "initialized") is None
             if fresh:
@@ -107,7 +107,7 @@ class StoryVault:
         self.check_purpose(purpose)
         self.require_admin(principal)
         clean = {k: v for k, v in self.vault.validate_profile(profile).items() if v is not None}
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             customer_id = await self.vault.create_customer(
                 session, external_ref=external_ref, profile=clean
             )
@@ -133,7 +133,7 @@ class StoryVault:
         self.check_purpose(purpose)
         self.require_admin(principal)
         clean = self.vault.validate_profile(changes, allow_null=True)
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             await self.vault.require_active(session, customer_id)
             await self.vault.update_profile(session, customer_id, clean)
             await session.commit()
@@ -152,7 +152,7 @@ class StoryVault:
         self.check_purpose(purpose)
         self.require_admin(principal)
         encoded = self.vault.validate_chapter(category, kind, body)
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             await self.vault.require_active(session, customer_id)
             chapter_id = await self.vault.add_chapter(
                 session,
@@ -181,7 +181,7 @@ class StoryVault:
         email = email.strip()
         if not 3 <= len(email) <= 320 or "@" not in email:
             raise InvalidInput("'email' must be an e-mail address", code="invalid_value")
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             ids = await self.vault.find_by_email(session, email)
             customer_id = ids[0] if len(ids) == 1 else None
             code = await self.identity.start_login(session, email, client, customer_id)
@@ -197,33 +197,33 @@ class StoryVault:
             log.info("login.code_sent", customer=self.ring.pseudonym(customer_id or ""))
 
     async def verify_login(self, email: str, code: str) -> tuple[str, datetime]:
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             customer_id, token, expires = await self.identity.verify(session, email, code)
             await session.commit()
         log.info("login.verified", customer=self.ring.pseudonym(customer_id))
         return token, expires
 
     async def logout(self, principal: CustomerPrincipal) -> None:
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             await self.identity.logout(session, principal.session_id)
             await session.commit()
 
     async def create_team(self, name: str, *, roles: list[str], description: str) -> Any:
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             row = await self.teams.create_team(session, name, roles=roles, description=description)
             await session.commit()
         log.info("team.created", team=name)
         return row
 
     async def issue_key(self, team: str, *, label: str) -> IssuedKey:
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             issued = await self.teams.issue_key(session, team, label=label)
             await session.commit()
         log.info("key.issued", team=team, key_id=issued.id)
         return issued
 
     async def revoke_key(self, key_id: str) -> None:
-        async with self.db.session() as session:
+        async with self.db.write_session() as session:
             await self.teams.revoke_key(session, key_id)
             await session.commit()
         log.info("key.revoked", key_id=key_id)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from governance.catalog import Catalog
@@ -30,6 +30,7 @@ from governance.models import (
     PROFILE_VALUES,
     ChapterRow,
     CustomerRow,
+    DataKeyRow,
     EmailIndexRow,
     ProfileValueRow,
 )
@@ -159,10 +160,11 @@ class Vault:
     async def create_customer(
         self, session: AsyncSession, *, external_ref: str | None, profile: Mapping[str, str]
     ) -> str:
+        """Insert a customer with its profile in a few bulk statements (no read-back)."""
         customer_id = str(uuid.uuid4())
         now = _now()
-        session.add(
-            CustomerRow(
+        await session.execute(
+            insert(CustomerRow).values(
                 id=customer_id,
                 external_ref=external_ref,
                 status="active",
@@ -170,8 +172,37 @@ class Vault:
                 updated_at=now,
             )
         )
-        await session.flush()
-        await self._seal_profile(session, customer_id, profile, now)
+        keys: dict[str, tuple[str, Any]] = {}
+        key_rows: list[dict[str, object]] = []
+        value_rows: list[dict[str, object]] = []
+        for name, value in profile.items():
+            category = self.catalog.profile_fields[name].category
+            if category not in keys:
+                dek_id, aead, row = self.keys.new_key(customer_id, category)
+                keys[category] = (dek_id, aead)
+                key_rows.append(row)
+            dek_id, aead = keys[category]
+            value_rows.append(
+                {
+                    "customer_id": customer_id,
+                    "field": name,
+                    "category": category,
+                    "dek_id": dek_id,
+                    "sealed": seal_value(
+                        aead, value.encode(), value_aad(customer_id, name, name, dek_id)
+                    ),
+                    "updated_at": now,
+                }
+            )
+            if self.catalog.profile_fields[name].type == "email":
+                await session.execute(
+                    insert(EmailIndexRow).values(
+                        blind_index=self.ring.blind_index(value), customer_id=customer_id
+                    )
+                )
+        if key_rows:
+            await session.execute(insert(DataKeyRow), key_rows)
+            await session.execute(insert(ProfileValueRow), value_rows)
         return customer_id
 
     async def require_active(self, session: AsyncSession, customer_id: str) -> CustomerRow:

@@ -52,8 +52,8 @@ from policies._model import (
 from policies._store import POLICY_CHANNEL, PolicyState, PolicyStore
 from policies._tables import POLICY_TABLES, PolicyRoleRow, PolicyRuleRow, PolicyVersionRow
 from policies._watcher import (
-    PollingPolicyWatcher,
     PolicyWatcher,
+    PollingPolicyWatcher,
     PostgresPolicyWatcher,
     create_policy_watcher,
 )

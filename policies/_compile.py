@@ -8,9 +8,10 @@ and casbin reports only one.  The two must agree on every cell, or the compile
 fails (PolicyCompileError) and the previous snapshot stays in force; the
 differential tests check they always agree.
 
-Cells with no candidate rule for the (team, purpose, action) need no casbin
-call: with nothing to match, casbin's answer is "deny, no rule", which is what
-the NO_POLICY decision says.
+Cells where the own matcher finds no rule need no casbin call: with nothing to
+match, casbin's answer is "deny, no rule", which is what NO_POLICY says.  (The
+differential property test compares every cell, these included, with a fresh
+enforcer, so the shortcut cannot hide a disagreement between the matchers.)
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class DecisionTable(Mapping[str, Decision]):
     def __repr__(self) -> str:
         return (
             f"DecisionTable(team={self.team!r}, purpose={self.purpose!r}, "
-            f"action={self.action.value!r}, version={self.version}, allowed={sorted(self._allowed)})"
+            f"action={self.action.value!r}, version={self.version}, "
+            f"allowed={sorted(self._allowed)})"
         )
 
 
@@ -239,7 +241,7 @@ def compile_snapshot(
     """Build every decision table of ``state`` for ``catalog`` (CPU-bound; run it in a thread)."""
     rules = state.rules
     enforcer = build_enforcer(rules, state.roles, model_path=model_path)
-    by_line = {rule.line(): rule for rule in rules}
+    by_line: dict[tuple[str, ...], Rule] = {rule.line(): rule for rule in rules}
     inherited = inherited_names(catalog.teams, state.roles)
     categories = sorted(catalog.categories)
     empty = dict.fromkeys(categories, NO_POLICY)
@@ -247,6 +249,10 @@ def compile_snapshot(
     for team in sorted(catalog.teams):
         subjects = inherited[team]
         team_rules = [rule for rule in rules if rule.team in subjects]
+        # casbin evaluates every policy line per call; a team's own enforcer holds only
+        # the rules its subjects could match (any other line fails g(team, sub)), so
+        # compile cost grows with rules per team, not rules overall.
+        team_enforcer = build_enforcer(team_rules, state.roles, model_path=model_path)
         for purpose in sorted(catalog.purposes):
             purpose_rules = [r for r in team_rules if purpose_matches(purpose, r.purpose)]
             for action in Action:
@@ -256,7 +262,10 @@ def compile_snapshot(
                     decisions = {}
                     for category in categories:
                         matched = matching_rules(candidates, subjects, category, action, purpose)
-                        allowed, explain = enforcer.enforce_ex(
+                        if not matched:
+                            decisions[category] = NO_POLICY
+                            continue
+                        allowed, explain = team_enforcer.enforce_ex(
                             team, category, action.value, purpose
                         )
                         cell = f"({team}, {category}, {action.value}, {purpose})"

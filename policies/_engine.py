@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from policies._compile import (
     MODEL_PATH,
@@ -37,9 +37,7 @@ from policies._model import (
     validate_team,
 )
 from policies._store import PolicyState, PolicyStore
-
-if TYPE_CHECKING:
-    from policies._watcher import PolicyWatcher
+from policies._watcher import PolicyWatcher, create_policy_watcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +150,6 @@ class PolicyEngine:
     def watcher(self, *, dsn: str | None = None, poll_interval: float = 0.25) -> PolicyWatcher:
         """A watcher that reloads this engine on change (LISTEN/NOTIFY on PostgreSQL,
         polling elsewhere); ``dsn`` defaults to the store engine's URL."""
-        from policies._watcher import create_policy_watcher
-
         return create_policy_watcher(self, dsn=dsn, poll_interval=poll_interval)
 
     # -- the request path: dict lookups only ------------------------------------------

@@ -25,12 +25,12 @@ import hmac
 import json
 import unicodedata
 from datetime import date, datetime
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from policies._errors import InvalidRuleError, echo
 from policies._model import Mask
 
-JsonValue: TypeAlias = "str | int | float | bool | None | list[JsonValue] | dict[str, JsonValue]"
+JsonValue: TypeAlias = "str | int | float | bool | list[JsonValue] | dict[str, JsonValue] | None"
 
 MASK_CHAR = "•"
 PSEUDONYM_PREFIX = "pz_"
@@ -97,10 +97,12 @@ def _coerce_mask(mask: Mask | str | None) -> Mask:
         raise InvalidRuleError(f"field 'mask': unknown mask {echo(mask)}", field="mask") from None
 
 
-def apply_mask(mask: Mask | str | None, value: JsonValue, *, pseudonym_key: bytes) -> JsonValue:
+def apply_mask(mask: Mask | str | None, value: Any, *, pseudonym_key: bytes) -> Any:
     """Mask a string or a JSON value (every leaf) as ``mask`` says; see the module docstring.
 
-    Raises only for an unknown mask name or a too-short key, never for a value.
+    ``value`` is a string or a JSON value (anything else becomes ``None`` under a
+    mask); the result is a JSON value.  Raises only for an unknown mask name or a
+    too-short key, never for a value.
     """
     kind = _coerce_mask(mask)
     if kind is Mask.NONE:
@@ -112,7 +114,7 @@ def apply_mask(mask: Mask | str | None, value: JsonValue, *, pseudonym_key: byte
     return _walk(kind, value, pseudonym_key)
 
 
-def _walk(mask: Mask, value: JsonValue, key: bytes) -> JsonValue:
+def _walk(mask: Mask, value: object, key: bytes) -> JsonValue:
     if value is None:
         return None
     if isinstance(value, list):

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Table, delete, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -78,6 +79,23 @@ def _rule_from_row(row: Any) -> Rule:
     )
 
 
+def _version_upsert(dialect: str, now: datetime) -> Any:
+    """``INSERT .. ON CONFLICT DO UPDATE .. RETURNING version``: one atomic statement."""
+    values = {"id": _VERSION_ROW_ID, "version": 1, "changed_at": now}
+    bump = {"version": _VERSION.c.version + 1, "changed_at": now}
+    if dialect == "postgresql":
+        pg = postgresql.insert(_VERSION).values(**values)
+        return pg.on_conflict_do_update(index_elements=[_VERSION.c.id], set_=bump).returning(
+            _VERSION.c.version
+        )
+    if dialect == "sqlite":
+        lite = sqlite.insert(_VERSION).values(**values)
+        return lite.on_conflict_do_update(index_elements=[_VERSION.c.id], set_=bump).returning(
+            _VERSION.c.version
+        )
+    return None
+
+
 class PolicyStore:
     """Async access to the ``policy_*`` tables of one database."""
 
@@ -115,17 +133,9 @@ class PolicyStore:
 
     async def _bump_version(self, session: AsyncSession) -> int:
         now = datetime.now(UTC)
-        dialect = session.bind.dialect.name
-        if dialect in ("postgresql", "sqlite"):
-            if dialect == "postgresql":
-                from sqlalchemy.dialects.postgresql import insert as upsert
-            else:
-                from sqlalchemy.dialects.sqlite import insert as upsert
-            stmt = upsert(_VERSION).values(id=_VERSION_ROW_ID, version=1, changed_at=now)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[_VERSION.c.id],
-                set_={"version": _VERSION.c.version + 1, "changed_at": now},
-            ).returning(_VERSION.c.version)
+        dialect = session.get_bind().dialect.name
+        stmt = _version_upsert(dialect, now)
+        if stmt is not None:
             version = int((await session.execute(stmt)).scalar_one())
         else:  # pragma: no cover - other dialects are not supported targets
             result = await session.execute(

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from policies._store import POLICY_CHANNEL, PolicyStore
@@ -149,14 +150,17 @@ class PostgresPolicyWatcher(PolicyWatcher):
         self._wake.set()
 
     async def _run(self) -> None:
-        import asyncpg  # type: ignore[import-untyped]
-
         while True:
             conn: Any = None
             lost = asyncio.Event()
+
+            def on_lost(_conn: Any, lost: asyncio.Event = lost) -> None:
+                lost.set()
+                self._wake.set()
+
             try:
                 conn = await asyncpg.connect(self._dsn)
-                conn.add_termination_listener(lambda _conn: (lost.set(), self._wake.set()))
+                conn.add_termination_listener(on_lost)
                 await conn.add_listener(self._channel, self._on_notify)
                 self.connected.set()
                 self._wake.set()  # catch up on anything missed while not listening

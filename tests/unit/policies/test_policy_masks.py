@@ -87,7 +87,7 @@ def test_redact_is_none() -> None:
         ("", None),
         ("1990", None),
         ("9" * 10_000, None),
-        ("１９９０-05-17", None),
+        ("\uff11\uff19\uff19\uff10-05-17", None),  # fullwidth digits,
     ],
 )
 def test_year_only(value: str, expected: str | None) -> None:

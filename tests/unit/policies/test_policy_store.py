@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from policies import (
     RuleSpec,
 )
 
-GOOD = {
+GOOD: dict[str, Any] = {
     "team": "marketing",
     "category": "contact.email",
     "action": "read",
@@ -55,7 +56,7 @@ GOOD = {
 async def test_invalid_rules_store_nothing(
     store: PolicyStore, catalog: PolicyCatalog, field: str, value: object, code: str
 ) -> None:
-    spec = RuleSpec(**{**GOOD, field: value})  # type: ignore[arg-type]
+    spec = RuleSpec(**{**GOOD, field: value})
     with pytest.raises(PolicyError) as info:
         await store.add_rule(spec, catalog)
     error = info.value
@@ -82,9 +83,7 @@ async def test_valid_wildcards(store: PolicyStore, catalog: PolicyCatalog, categ
     assert rule.category == category
 
 
-async def test_add_list_remove_bump_the_version(
-    store: PolicyStore, catalog: PolicyCatalog
-) -> None:
+async def test_add_list_remove_bump_the_version(store: PolicyStore, catalog: PolicyCatalog) -> None:
     assert await store.current_version() == 0
     first = await store.add_rule(RuleSpec(**GOOD), catalog)
     second = await store.add_rule(RuleSpec(**{**GOOD, "purpose": "*", "mask": "partial"}), catalog)
@@ -113,7 +112,9 @@ async def test_duplicate_is_a_conflict_and_changes_nothing(
 
 
 @pytest.mark.parametrize("rule_id", [str(uuid.uuid4()), "not-a-uuid", "x" * 5000])
-async def test_remove_unknown_rule(store: PolicyStore, catalog: PolicyCatalog, rule_id: str) -> None:
+async def test_remove_unknown_rule(
+    store: PolicyStore, catalog: PolicyCatalog, rule_id: str
+) -> None:
     await store.add_rule(RuleSpec(**GOOD), catalog)
     with pytest.raises(RuleNotFoundError) as info:
         await store.remove_rule(rule_id)

@@ -25,10 +25,10 @@ from policies._watcher import asyncpg_dsn
 EngineFactory = Callable[[Path], AsyncEngine]
 
 
-async def _wait_for(predicate: object, timeout: float) -> float:
+async def _wait_for(predicate: Callable[[], bool], limit: float) -> float:
     started = time.perf_counter()
-    while not predicate():  # type: ignore[operator]
-        if time.perf_counter() - started > timeout:
+    while not predicate():
+        if time.perf_counter() - started > limit:
             break
         await asyncio.sleep(0.01)
     return time.perf_counter() - started
@@ -52,14 +52,14 @@ async def test_two_engines_converge_within_a_second(
         )
         elapsed = await _wait_for(
             lambda: "contact.email" in engine_b.table("marketing", "marketing.email").allowed,
-            timeout=2,
+            limit=2,
         )
         assert elapsed < 1.0
         assert engine_a.version == engine_b.version == 1
 
         await store_b.remove_rule(rule.id)
         elapsed = await _wait_for(
-            lambda: not engine_a.table("marketing", "marketing.email").allowed, timeout=2
+            lambda: not engine_a.table("marketing", "marketing.email").allowed, limit=2
         )
         assert elapsed < 1.0
         assert engine_a.version == engine_b.version == 2
@@ -73,7 +73,7 @@ async def test_change_before_watcher_start_is_not_missed(
     engine = await PolicyEngine.open(store, catalog)
     await store.add_rule(RuleSpec("support", "*", "read", "service.support"), catalog)
     async with PollingPolicyWatcher(store, engine.reload, interval=0.05):
-        elapsed = await _wait_for(lambda: engine.version == 1, timeout=2)
+        elapsed = await _wait_for(lambda: engine.version == 1, limit=2)
     assert elapsed < 1.0
 
 
@@ -88,11 +88,13 @@ async def test_reload_errors_are_logged_and_polling_continues(store: PolicyStore
 
     async with PollingPolicyWatcher(store, flaky, interval=0.02) as watcher:
         assert isinstance(watcher, PollingPolicyWatcher)
-        await _wait_for(lambda: calls >= 1, timeout=1)
-        await store.set_roles("compliance", ["admin"], PolicyCatalog.of(
-            teams=["compliance"], categories=["a"], purposes=["p"]
-        ))
-        await _wait_for(lambda: calls >= 2, timeout=1)
+        await _wait_for(lambda: calls >= 1, limit=1)
+        await store.set_roles(
+            "compliance",
+            ["admin"],
+            PolicyCatalog.of(teams=["compliance"], categories=["a"], purposes=["p"]),
+        )
+        await _wait_for(lambda: calls >= 2, limit=1)
         assert watcher.running
     assert calls >= 2
 
