@@ -6,7 +6,7 @@ subtrees they complete and one signed tree head. So all processes sharing the
 database see one total order of leaves:
 
 * PostgreSQL: ``pg_advisory_xact_lock(lock_id)``, released at commit or rollback.
-* SQLite: a no-op ``DELETE ... WHERE 0`` as the transaction's first statement. Any
+* SQLite: a no-op ``DELETE ... WHERE 0 = 1`` as the transaction's first statement. Any
   write statement takes SQLite's RESERVED lock even when it touches no row, which
   gives ``BEGIN IMMEDIATE`` semantics without changing how the caller's engine
   begins transactions; other writers wait (busy timeout) until commit. Touching no
@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import ColumnElement, Row, and_, func, insert, or_, select, text
+from sqlalchemy import ColumnElement, Row, and_, delete, false, func, insert, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit._entry import AuditEntry, decode_leaf, encode_leaf
+from audit._entry import AuditEntry, EncodedEntry, decode_leaf
 from audit._errors import (
     EntryNotFound,
     InvalidProofRequest,
@@ -201,30 +201,31 @@ class TransparencyLog:
 
     # -- writing ---------------------------------------------------------------
 
-    async def append(self, batch: Sequence[AuditEntry]) -> AppendResult:
+    async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
         """Append ``batch`` in one transaction of its own and sign one tree head for it."""
-        leaves = [encode_leaf(e) for e in batch]  # encode before taking the lock
+        encoded = [EncodedEntry.of(e) for e in batch]  # encode before taking the lock
         async with self._engine.begin() as conn:
-            return await self._append_leaves(conn, batch, leaves)
+            return await self._append_encoded(conn, encoded)
 
-    async def append_in(self, conn: AsyncConnection, batch: Sequence[AuditEntry]) -> AppendResult:
+    async def append_in(
+        self, conn: AsyncConnection, batch: Sequence[AuditEntry | EncodedEntry]
+    ) -> AppendResult:
         """Append ``batch`` inside the caller's transaction on ``conn``.
 
         The append (and the log lock) commits or rolls back with the caller's
         transaction. Call it before other statements of that transaction: on SQLite a
         transaction that read first may fail to become a writer.
         """
-        leaves = [encode_leaf(e) for e in batch]
-        return await self._append_leaves(conn, batch, leaves)
+        return await self._append_encoded(conn, [EncodedEntry.of(e) for e in batch])
 
     async def _sequence(self, conn: AsyncConnection) -> None:
         if self._dialect == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_id})
         else:
-            await conn.execute(text(f"DELETE FROM {tree_heads.name} WHERE 0"))
+            await conn.execute(delete(tree_heads).where(false()))
 
-    async def _append_leaves(
-        self, conn: AsyncConnection, batch: Sequence[AuditEntry], leaves: list[bytes]
+    async def _append_encoded(
+        self, conn: AsyncConnection, batch: list[EncodedEntry]
     ) -> AppendResult:
         if not batch:
             raise ValueError("an append needs at least one entry")
@@ -244,7 +245,8 @@ class TransparencyLog:
 
         entry_rows: list[dict[str, Any]] = []
         node_rows: list[dict[str, Any]] = []
-        for offset, (entry, leaf) in enumerate(zip(batch, leaves, strict=True)):
+        for offset, encoded in enumerate(batch):
+            entry, leaf = encoded.entry, encoded.leaf
             hashed = leaf_hash(leaf)
             entry_rows.append(
                 {
@@ -357,7 +359,7 @@ class TransparencyLog:
             conditions.append(
                 entries.c.leaf_index < cursor if descending else entries.c.leaf_index > cursor
             )
-        query = select(entries).where(and_(*conditions)).order_by(order).limit(limit + 1)
+        query = select(entries).where(*conditions).order_by(order).limit(limit + 1)
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         items = [_stored_from_row(r) for r in rows[:limit]]
@@ -376,7 +378,9 @@ class TransparencyLog:
             found = await _require_nodes(conn, keys)
         return subtree_hash_from(found)(0, tree_size)
 
-    async def inclusion_proof(self, leaf_index: int, tree_size: int | None = None) -> InclusionProof:
+    async def inclusion_proof(
+        self, leaf_index: int, tree_size: int | None = None
+    ) -> InclusionProof:
         """The audit path of ``leaf_index`` in the tree of ``tree_size`` (default: current)."""
         async with self._engine.connect() as conn:
             current = await self._size(conn)

@@ -246,9 +246,7 @@ class CompactRange:
     def edge_nodes(size: int) -> list[tuple[int, int]]:
         """The perfect subtrees ``(level, index)`` a right edge of ``size`` consists of."""
         return [
-            (level, (size >> level) - 1)
-            for level in range(size.bit_length())
-            if size >> level & 1
+            (level, (size >> level) - 1) for level in range(size.bit_length()) if size >> level & 1
         ]
 
     @property

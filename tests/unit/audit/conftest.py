@@ -1,13 +1,15 @@
 """Fixtures for the audit package's tests.
 
 Database tests take the ``audit_engine`` fixture: an AsyncEngine whose database has
-the audit tables and their append-only triggers, and nothing else. Here it is a
-SQLite file; a PostgreSQL variant only needs to yield an engine prepared with
-``prepare_audit_schema`` (the helpers below use ``engine.dialect.name``).
+the audit tables and their append-only triggers, and nothing else. By default it is
+a SQLite file; set ``AUDIT_TEST_DATABASE_URL`` to run them on PostgreSQL. Another
+fixture only needs to yield an engine prepared with ``prepare_audit_schema`` (the
+helpers below use ``engine.dialect.name``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,7 +70,12 @@ def make_entry(i: int, *, subject: str | None = None, team: str = "marketing") -
 
 @pytest.fixture
 async def audit_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}")
+    # AUDIT_TEST_DATABASE_URL (e.g. postgresql+asyncpg://...) runs the same tests on a
+    # scratch database whose audit tables are dropped and recreated per test.
+    url = (
+        os.environ.get("AUDIT_TEST_DATABASE_URL") or f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+    )
+    engine = create_async_engine(url)
     await prepare_audit_schema(engine)
     yield engine
     await engine.dispose()
@@ -82,7 +89,6 @@ def signing_key() -> Ed25519PrivateKey:
 @pytest.fixture
 def audit_log(audit_engine: AsyncEngine, signing_key: Ed25519PrivateKey) -> TransparencyLog:
     return TransparencyLog(audit_engine, signing_key, KEY_ID)
-
 
 
 class AuditKit:

@@ -50,7 +50,9 @@ async def test_dropping_the_triggers_allows_edits(
     assert result.rowcount == 1
 
 
-async def test_ddl_is_idempotent(audit_engine: AsyncEngine, audit_log: TransparencyLog, kit: type) -> None:
+async def test_ddl_is_idempotent(
+    audit_engine: AsyncEngine, audit_log: TransparencyLog, kit: type
+) -> None:
     async with audit_engine.begin() as conn:
         for statement in append_only_ddl(audit_engine.dialect.name, TABLE_NAMES):
             await conn.exec_driver_sql(statement)

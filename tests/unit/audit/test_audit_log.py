@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from types import SimpleNamespace
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -15,11 +15,11 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from audit import (
-    EntryNotFoundError,
-    InvalidProofRequestError,
-    InvalidQueryError,
+    EntryNotFound,
+    InvalidProofRequest,
+    InvalidQuery,
     TransparencyLog,
-    TreeHeadNotFoundError,
+    TreeHeadNotFound,
     encode_leaf,
     leaf_hash,
     merkle_tree_hash,
@@ -72,14 +72,16 @@ def _leaf(kit: type, i: int) -> bytes:
     return leaf
 
 
-async def test_get_entry_returns_the_exact_leaf_bytes(audit_log: TransparencyLog, kit: type) -> None:
+async def test_get_entry_returns_the_exact_leaf_bytes(
+    audit_log: TransparencyLog, kit: type
+) -> None:
     await _fill(audit_log, kit, [3])
     stored = await audit_log.get_entry(1)
     assert stored.leaf_index == 1
     assert stored.entry == kit.make_entry(1)
     assert stored.leaf == _leaf(kit, 1)
     assert stored.leaf_hash == leaf_hash(stored.leaf)
-    with pytest.raises(EntryNotFoundError) as raised:
+    with pytest.raises(EntryNotFound) as raised:
         await audit_log.get_entry(3)
     assert raised.value.kind == "not_found"
 
@@ -119,7 +121,7 @@ async def test_list_entries_filters_and_paginates(audit_log: TransparencyLog, ki
     denials = await audit_log.list_entries(kinds=["denial"])
     assert [s.leaf_index for s in denials.items] == list(range(0, 45, 3))
 
-    with pytest.raises(InvalidQueryError):
+    with pytest.raises(InvalidQuery):
         await audit_log.list_entries(limit=0)
 
 
@@ -131,7 +133,7 @@ async def test_tree_heads(audit_log: TransparencyLog, kit: type) -> None:
     assert head is not None
     assert head.tree_size == 5
     assert (await audit_log.get_tree_head(2)).tree_size == 2
-    with pytest.raises(TreeHeadNotFoundError):
+    with pytest.raises(TreeHeadNotFound):
         await audit_log.get_tree_head(3)
 
 
@@ -149,7 +151,7 @@ async def test_proof_requests_out_of_range_are_invalid(
         audit_log.consistency_proof(1, 6),
         audit_log.root_at(0),
     ):
-        with pytest.raises(InvalidProofRequestError) as raised:
+        with pytest.raises(InvalidProofRequest) as raised:
             await call
         assert raised.value.kind == "invalid"
 

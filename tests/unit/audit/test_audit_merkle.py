@@ -54,7 +54,9 @@ def test_vector(path: Path) -> None:
     if "size1" in v:
         ok = verify_consistency(v["size1"], v["size2"], proof, _b64(v["root1"]), _b64(v["root2"]))
     else:
-        ok = verify_inclusion(v["leafIdx"], v["treeSize"], _b64(v["leafHash"]), proof, _b64(v["root"]))
+        ok = verify_inclusion(
+            v["leafIdx"], v["treeSize"], _b64(v["leafHash"]), proof, _b64(v["root"])
+        )
     assert ok is (not v["wantErr"]), v["desc"]
 
 

@@ -28,7 +28,14 @@ def test_signing_input_is_the_documented_51_bytes() -> None:
     root = bytes(range(32))
     encoded = tree_head_signing_input(7, root, 1_700_000_000_123)
     assert len(encoded) == 51
-    assert encoded == (1_700_000_000_123).to_bytes(8, "big") + (7).to_bytes(8, "big") + b"\x20" + root + b"\0\0"
+    assert (
+        encoded
+        == (1_700_000_000_123).to_bytes(8, "big")
+        + (7).to_bytes(8, "big")
+        + b"\x20"
+        + root
+        + b"\0\0"
+    )
 
 
 def test_signing_input_rejects_bad_values() -> None:

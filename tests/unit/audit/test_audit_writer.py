@@ -14,7 +14,7 @@ from audit import (
     AuditEntry,
     AuditUnavailable,
     AuditWriter,
-    InvalidEntryError,
+    InvalidEntry,
     TransparencyLog,
     tree_heads,
 )
@@ -126,14 +126,16 @@ async def test_append_when_not_running_is_unavailable(
         await writer.append(kit.make_entry(0))
 
 
-async def test_an_invalid_entry_fails_only_its_caller(audit_log: TransparencyLog, kit: type) -> None:
+async def test_an_invalid_entry_fails_only_its_caller(
+    audit_log: TransparencyLog, kit: type
+) -> None:
     bad = AuditEntry(kind="nope", actor="system")  # type: ignore[arg-type]
     async with AuditWriter(audit_log) as writer:
         results = await asyncio.gather(
             writer.append(kit.make_entry(0)), writer.append(bad), return_exceptions=True
         )
     assert results[0] == 0
-    assert isinstance(results[1], InvalidEntryError)
+    assert isinstance(results[1], InvalidEntry)
 
 
 def test_bad_settings_are_refused(audit_log: TransparencyLog) -> None:

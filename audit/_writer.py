@@ -1,0 +1,147 @@
+"""Group commit: many concurrent ``append`` calls share one transaction.
+
+A background task waits for the first pending entry, gathers more for ``max_delay``
+seconds or until ``max_batch`` are pending, and appends them in one transaction
+with one signed tree head. While a batch commits, the next one gathers, so the
+write rate is bounded by commits per second times the batch size.
+
+Durability contract: ``append`` returns the leaf index only after the batch holding
+the entry has committed. If that commit fails, every caller of the batch gets
+``AuditUnavailable`` and must fail closed (disclose nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from audit._entry import AuditEntry, EncodedEntry
+from audit._errors import AuditUnavailable
+from audit._log import AppendResult
+
+_log = logging.getLogger(__name__)
+
+
+class BatchLog(Protocol):
+    """What the writer needs of a log: ``TransparencyLog.append``."""
+
+    async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult: ...
+
+
+_Pending = tuple[EncodedEntry, "asyncio.Future[int]"]
+
+
+class AuditWriter:
+    """Durable, batched appends to a transparency log; see the module docstring."""
+
+    def __init__(self, log: BatchLog, *, max_delay: float = 0.002, max_batch: int = 512) -> None:
+        if max_delay < 0 or max_batch < 1:
+            raise ValueError("max_delay must be >= 0 and max_batch >= 1")
+        self._log = log
+        self._max_delay = max_delay
+        self._max_batch = max_batch
+        self._pending: list[_Pending] = []
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._batches = 0
+
+    @property
+    def batches_committed(self) -> int:
+        """Transactions committed so far (one per batch)."""
+        return self._batches
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._stopping
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("the audit writer is already started")
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def stop(self) -> None:
+        """Stop accepting entries, commit the pending ones, and wait for the task."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._arrived.set()
+        self._full.set()
+        task, self._task = self._task, None
+        await task
+
+    async def __aenter__(self) -> AuditWriter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def append(self, entry: AuditEntry) -> int:
+        """Queue ``entry``; return its leaf index once it is durable.
+
+        Raises InvalidEntry (for this entry only) before queueing, and
+        AuditUnavailable if the writer is not running or its batch did not commit.
+        """
+        if not self.running:
+            raise AuditUnavailable("the audit writer is not running")
+        # Encode now (once) so a malformed entry fails its caller, not its whole batch.
+        encoded = EncodedEntry.of(entry)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((encoded, future))
+        self._arrived.set()
+        if len(self._pending) >= self._max_batch:
+            self._full.set()
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._stopping:
+                        return
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                    continue
+                if not self._stopping and len(self._pending) < self._max_batch:
+                    # The gathering window: Event.wait is safe to time out (no lost item).
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._full.wait(), self._max_delay)
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                if len(self._pending) < self._max_batch and not self._stopping:
+                    self._full.clear()
+                await self._commit(batch)
+        finally:
+            # Whatever ended the loop (stop, cancellation, a bug), nobody waits forever.
+            self._stopping = True
+            self._fail(self._pending, None)
+            self._pending = []
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            result = await self._log.append([entry for entry, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - any failure means "not durable"
+            _log.warning("audit batch of %d entries failed: %s", len(batch), type(exc).__name__)
+            self._fail(batch, exc)
+            return
+        except BaseException as exc:  # cancellation: the outcome is unknown, fail closed
+            self._fail(batch, exc)
+            raise
+        self._batches += 1
+        for offset, (_, future) in enumerate(batch):
+            if not future.done():
+                future.set_result(result.first_index + offset)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], cause: BaseException | None) -> None:
+        for _, future in batch:
+            if not future.done():
+                error = AuditUnavailable("the audit entry could not be made durable")
+                error.__cause__ = cause
+                future.set_exception(error)
