@@ -29,5 +29,8 @@ test: $(STAMP) lint typecheck
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+run-cluster: $(STAMP)
+	$(BIN)/python docker/cluster.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -15,16 +15,21 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from api.auth import PUBLIC_PATHS, BearerAuthMiddleware
 from api.controllers.admin import TeamsController
-from api.controllers.customers import CustomersController
-from api.controllers.me import SessionController, SignInController
+from api.controllers.audit import AuditEntriesController, TransparencyController
+from api.controllers.customers import CustomersController, GatedReadController
+from api.controllers.me import MeController, SessionController, SignInController
 from api.controllers.ops import health, ready
+from api.controllers.policies import PoliciesController
 from api.middleware import RequestLogMiddleware
 from api.problems import exception_handlers
+from audit import AuditError
+from consent import ConsentError
 from governance.catalog import CatalogError
 from governance.errors import GovernanceError
 from governance.keys import KeyRingError
 from governance.service import StoryVault
 from governance.settings import Settings, load_settings
+from policies import PolicyError
 
 __all__ = ["create_app"]
 
@@ -47,7 +52,14 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
     prometheus = PrometheusConfig(
         app_name="storyvault", prefix="storyvault", group_path=True, exclude=["/metrics"]
     )
-    domain_errors: tuple[type[Exception], ...] = (GovernanceError, KeyRingError, CatalogError)
+    domain_errors: tuple[type[Exception], ...] = (
+        GovernanceError,
+        KeyRingError,
+        CatalogError,
+        AuditError,
+        ConsentError,
+        PolicyError,
+    )
     app = Litestar(
         route_handlers=[
             health,
@@ -56,6 +68,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
             TeamsController,
             SignInController,
             SessionController,
+            MeController,
+            GatedReadController,
+            PoliciesController,
+            AuditEntriesController,
+            TransparencyController,
             PrometheusController,
         ],
         dependencies={"vault": Provide(provide_vault)},

@@ -63,6 +63,10 @@ class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
             customer = await vault.authenticate_customer(token)
             if customer is None:
                 raise NotAuthorizedException("the session is unknown, expired or ended")
+            if connection.headers.get("sec-gpc", "").strip() == "1":
+                # Global Privacy Control: an opt-out of every sale/sharing purpose,
+                # recorded once (the ledger call is idempotent).
+                await vault.apply_gpc(customer.customer_id)
             return AuthenticationResult(user=customer, auth="customer")
         principal = await vault.authenticate_team(token)
         if principal is None:

@@ -14,7 +14,14 @@ import structlog
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestLogMiddleware"]
+__all__ = ["RequestLogMiddleware", "request_id"]
+
+
+def request_id() -> str | None:
+    """The current request's id (bound by the middleware), for audit entries."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return str(value) if value else None
+
 
 log = structlog.get_logger("storyvault.request")
 

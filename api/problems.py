@@ -94,7 +94,7 @@ def problem(
 def _domain(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     code = str(getattr(exc, "code", "error"))
     kind = str(getattr(exc, "kind", "invalid"))
-    status = 400 if code in BAD_REQUEST_CODES else KIND_STATUS.get(kind, 422)
+    status = 400 if code in BAD_REQUEST_CODES and kind == "invalid" else KIND_STATUS.get(kind, 422)
     extra: dict[str, Any] = {}
     reason = getattr(exc, "extra", {}).get("reason") if hasattr(exc, "extra") else None
     if reason:

@@ -27,7 +27,9 @@ def base_settings(data_dir: Path, url: str, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def vault_on(backend: str, **overrides: Any) -> AsyncIterator[tuple[StoryVault, PgServer | None]]:
+async def vault_on(
+    backend: str, **overrides: Any
+) -> AsyncIterator[tuple[StoryVault, PgServer | None]]:
     tmp = Path(tempfile.mkdtemp(prefix=f"sv-bench-{backend}-"))
     server = None
     if backend == "sqlite":

@@ -1,6 +1,6 @@
 """Per-field sealing cost: AES-256-GCM encrypt and decrypt with the vault's associated data.
 
-    .venv/bin/python -m bench.crypto_fields
+.venv/bin/python -m bench.crypto_fields
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from governance.keys import open_value, seal_value, value_aad
 
 def main() -> None:
     aead = AESGCM(secrets.token_bytes(32))
-    aad = value_aad("6f1c7e0e-8a53-4a8e-9d62-3f1b7a9e0c11", "email", "email", "2b0c1b3e-1111-4a8e-9d62-3f1b7a9e0c11")
+    aad = value_aad(
+        "6f1c7e0e-8a53-4a8e-9d62-3f1b7a9e0c11",
+        "email",
+        "email",
+        "2b0c1b3e-1111-4a8e-9d62-3f1b7a9e0c11",
+    )
     results = {}
     for label, size in (("field_40B", 40), ("chapter_1KiB", 1024)):
         plain = secrets.token_bytes(size)

@@ -30,7 +30,11 @@ async def _run(backend: str, customers: int, chapters: int, concurrency: int) ->
                 profile = dict(stories[i % 50]["profile"])
                 profile["email"] = f"bench{i}@example.com"
                 async with vault.db.write_session() as session:
-                    ids.append(await vault.vault.create_customer(session, external_ref=None, profile=profile))
+                    ids.append(
+                        await vault.vault.create_customer(
+                            session, external_ref=None, profile=profile
+                        )
+                    )
                     await session.commit()
 
         t0 = time.perf_counter()
@@ -38,8 +42,13 @@ async def _run(backend: str, customers: int, chapters: int, concurrency: int) ->
         create_s = time.perf_counter() - t0
 
         body = vault.vault.validate_chapter(
-            "support.ticket", "ticket", {"subject": "Zip on the jacket broke", "status": "open",
-                                         "notes": "Customer called twice; replacement offered."}
+            "support.ticket",
+            "ticket",
+            {
+                "subject": "Zip on the jacket broke",
+                "status": "open",
+                "notes": "Customer called twice; replacement offered.",
+            },
         )
         jobs = list(range(chapters))
 
@@ -48,8 +57,13 @@ async def _run(backend: str, customers: int, chapters: int, concurrency: int) ->
                 i = jobs.pop()
                 async with vault.db.write_session() as session:
                     await vault.vault.add_chapter(
-                        session, ids[i % len(ids)], category="support.ticket", kind="ticket",
-                        occurred_at=datetime.now(UTC), body=body, author_team="support",
+                        session,
+                        ids[i % len(ids)],
+                        category="support.ticket",
+                        kind="ticket",
+                        occurred_at=datetime.now(UTC),
+                        body=body,
+                        author_team="support",
                     )
                     await session.commit()
 
@@ -73,8 +87,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--backends", default="sqlite,postgresql")
     args = parser.parse_args()
-    rows = [asyncio.run(_run(b, args.customers, args.chapters, args.concurrency))
-            for b in args.backends.split(",")]
+    rows = [
+        asyncio.run(_run(b, args.customers, args.chapters, args.concurrency))
+        for b in args.backends.split(",")
+    ]
     for row in rows:
         print(row)
     print("written to", write_result("vault_writes", {"runs": rows}))

@@ -45,6 +45,8 @@ class CustomerRow(SQLModel, table=True):
     __tablename__ = "customers"
 
     id: str = Field(primary_key=True, max_length=36)
+    # The keyed pseudonym used in the ledger and the audit log (see KeyRing.pseudonym).
+    subject: str = Field(max_length=64, unique=True)
     external_ref: str | None = Field(default=None, max_length=200, index=True)
     status: str = Field(default="active", max_length=16)
     created_at: datetime = Field(sa_column=_ts())

@@ -3,25 +3,35 @@ consent and audit together. ``api/`` calls only this object."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from importlib import resources
 from typing import Any
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from audit import AuditEntry, AuditWriter, EntryKind, TransparencyLog
+from consent import Ledger, PurposeTerms, ReceiptSigner
+from consent import LegalBasis as ConsentBasis
 from governance.catalog import Catalog, load_catalog
 from governance.datakeys import DataKeys, check_ring_fits
 from governance.db import Database
 from governance.errors import Forbidden, InvalidInput
+from governance.gate import AuditSink, Gate, StoryView
 from governance.identity import CustomerPrincipal, Identity
 from governance.keys import KeyRing
 from governance.mail import Mailer
 from governance.models import AppMetaRow
+from governance.operations import Operations
 from governance.settings import Settings
 from governance.teams import ADMIN_ROLE, IssuedKey, Principal, Teams
 from governance.vault import Vault
+from policies import Action, PolicyCatalog, PolicyEngine, PolicyStore, PolicyWatcher, RuleSpec
 
 __all__ = ["DemoKeys", "StoryVault"]
 
@@ -33,7 +43,7 @@ class DemoKeys:
     keys: list[IssuedKey]
 
 
-class StoryVault:
+class StoryVault(Operations):
     def __init__(self, settings: Settings, *, catalog: Catalog | None = None) -> None:
         self.settings = settings
         self.catalog = catalog or load_catalog(settings.catalog_path)
@@ -51,6 +61,42 @@ class StoryVault:
         )
         self.mailer = Mailer(settings.mail_url or f"file://{settings.data_dir / 'outbox'}")
         self.demo_keys: list[IssuedKey] = []
+        signing = self.ring.signing_key
+        self.ledger = Ledger(self.purpose_terms())
+        self.receipts = ReceiptSigner(
+            signing.private, signing.kid, controller={"name": "Story Vault", "contact": "privacy"}
+        )
+        self.audit_log = TransparencyLog(self.db.engine, signing.private, signing.kid)
+        self.audit_writer = AuditWriter(self.audit_log, max_delay=settings.audit_batch_ms / 1000.0)
+        self.audit: AuditSink = self.audit_writer
+        self.policy_store = PolicyStore(self.db.engine)
+        self.policy = PolicyEngine(self.policy_store, self._policy_catalog(set()))
+        self.policy_watcher: PolicyWatcher | None = None
+        self.gate = Gate(self.catalog, self.policy, self.ledger, self.vault, self.ring, self.audit)
+
+    def purpose_terms(self) -> list[PurposeTerms]:
+        return [
+            PurposeTerms(
+                name=p.name,
+                legal_basis=ConsentBasis(p.legal_basis),
+                notice_id=p.notice_id,
+                notice_version=p.notice_version,
+                notice_text=p.notice,
+                sale_or_sharing=p.sale_or_sharing,
+                max_age=p.max_age,
+            )
+            for p in self.catalog.purposes.values()
+        ]
+
+    def _policy_catalog(self, teams: set[str]) -> PolicyCatalog:
+        return PolicyCatalog.of(
+            teams=teams, categories=self.catalog.categories, purposes=self.catalog.purposes
+        )
+
+    async def refresh_policy_catalog(self) -> None:
+        async with self.db.session() as session:
+            teams = await self.teams.team_names(session)
+        await self.policy.set_catalog(self._policy_catalog(teams))
 
     # --- lifecycle -------------------------------------------------------
     async def start(self, *, migrate: bool = True) -> None:
@@ -68,13 +114,23 @@ class StoryVault:
                     session, "compliance", self.settings.admin_key, key_id="key_env_admin"
                 )
             await session.commit()
+        await self.refresh_policy_catalog()
+        await self.audit_writer.start()
         if fresh and self.settings.demo_data:
             from governance.demo import load_demo
 
             self.demo_keys = await load_demo(self)
+        self.policy_watcher = self.policy.watcher(
+            dsn=None if self.db.is_sqlite else self.settings.database_url
+        )
+        await self.policy_watcher.start()
         log.info("storyvault.started", database=self.db.dialect, fresh=fresh)
 
     async def stop(self) -> None:
+        if self.policy_watcher is not None:
+            await self.policy_watcher.stop()
+            self.policy_watcher = None
+        await self.audit_writer.stop()
         await self.db.dispose()
 
     async def ready(self) -> dict[str, Any]:
@@ -82,20 +138,48 @@ class StoryVault:
             await session.execute(select(1))
         return {"database": "ok", "keys": "ok", "kek": self.ring.current_kek}
 
-    # --- authorization (until the gate) -----------------------------------
+    # --- authorization -------------------------------------------------------
     @staticmethod
     def require_admin(principal: Principal) -> None:
         if not principal.is_admin:
             raise Forbidden("this action needs the admin role", code="admin_required")
 
     def check_purpose(self, purpose: str | None) -> str:
-        if not purpose:
-            raise InvalidInput("the 'purpose' query parameter is required", code="purpose_required")
-        if purpose not in self.catalog.purposes:
-            raise InvalidInput(f"unknown purpose '{purpose[:80]}'", code="unknown_purpose")
-        return purpose
+        return self.gate.check_purpose(purpose)
 
-    # --- the story ---------------------------------------------------------
+    async def audit_in(self, session: AsyncSession, entry: AuditEntry) -> int:
+        """Append ``entry`` inside the caller's transaction: the change and its
+        evidence commit together or not at all."""
+        result = await self.audit_log.append_in(await session.connection(), [entry])
+        return result.first_index
+
+    async def audit_writer_append(self, entry: AuditEntry) -> int:
+        """Append through the group-commit writer; returns once durable."""
+        return await self.audit.append(entry)
+
+    def _write_entry(
+        self,
+        principal: Principal,
+        subject: str,
+        purpose: str,
+        categories: Iterable[str],
+        operation: str,
+        request_id: str | None,
+        table_version: int,
+    ) -> AuditEntry:
+        return AuditEntry(
+            kind=EntryKind.WRITE,
+            actor=principal.team,
+            actor_key_id=principal.key_id,
+            subject=subject,
+            purpose=purpose,
+            policy_version=table_version,
+            categories=tuple(sorted(set(categories))),
+            request_id=request_id,
+            detail={"operation": operation},
+        )
+
+    # --- the story (teams, through the gate) ----------------------------------
     async def create_customer(
         self,
         principal: Principal,
@@ -103,25 +187,60 @@ class StoryVault:
         *,
         external_ref: str | None,
         profile: Mapping[str, object],
+        request_id: str | None = None,
     ) -> str:
-        self.check_purpose(purpose)
-        self.require_admin(principal)
+        purpose = self.check_purpose(purpose)
         clean = {k: v for k, v in self.vault.validate_profile(profile).items() if v is not None}
+        categories = [self.catalog.profile_fields[k].category for k in clean]
+        table = await self.gate.check_write(None, principal, purpose, categories, None)
         async with self.db.write_session() as session:
             customer_id = await self.vault.create_customer(
                 session, external_ref=external_ref, profile=clean
             )
+            subject = self.ring.pseudonym(customer_id)
+            await self.audit_in(
+                session,
+                self._write_entry(
+                    principal,
+                    subject,
+                    purpose,
+                    categories,
+                    "customer.create",
+                    request_id,
+                    table.version,
+                ),
+            )
             await session.commit()
-        log.info("customer.created", team=principal.team, customer=self.ring.pseudonym(customer_id))
+        log.info("customer.created", team=principal.team, subject=subject)
         return customer_id
 
     async def find_customers(
         self, principal: Principal, purpose: str | None, email: str
     ) -> list[str]:
-        self.check_purpose(purpose)
-        self.require_admin(principal)
+        """Lookup by e-mail reveals that an address is a customer's: it needs a read
+        rule for ``contact.email`` for the purpose."""
+        purpose = self.check_purpose(purpose)
+        table = self.gate.policy_table(principal, purpose, Action.READ)
+        decision = table.decide("contact.email")
+        if not decision.allowed:
+            raise Forbidden(
+                f"team '{principal.team}' may not look up e-mail addresses for '{purpose}'",
+                code=decision.reason or "no_policy",
+                reason=decision.reason or "no_policy",
+            )
         async with self.db.session() as session:
             return await self.vault.find_by_email(session, email)
+
+    async def read_story(
+        self,
+        principal: Principal,
+        customer_id: str,
+        purpose: str | None,
+        request_id: str | None = None,
+    ) -> StoryView:
+        purpose = self.check_purpose(purpose)
+        async with self.db.session() as session:
+            return await self.gate.read_story(session, principal, customer_id, purpose, request_id)
 
     async def update_profile(
         self,
@@ -129,13 +248,30 @@ class StoryVault:
         purpose: str | None,
         customer_id: str,
         changes: Mapping[str, object],
+        request_id: str | None = None,
     ) -> None:
-        self.check_purpose(purpose)
-        self.require_admin(principal)
+        purpose = self.check_purpose(purpose)
         clean = self.vault.validate_profile(changes, allow_null=True)
+        if not clean:
+            raise InvalidInput("no profile field to change", code="empty_change")
+        categories = [self.catalog.profile_fields[k].category for k in clean]
+        subject = self.ring.pseudonym(customer_id)
         async with self.db.write_session() as session:
             await self.vault.require_active(session, customer_id)
+            table = await self.gate.check_write(session, principal, purpose, categories, subject)
             await self.vault.update_profile(session, customer_id, clean)
+            await self.audit_in(
+                session,
+                self._write_entry(
+                    principal,
+                    subject,
+                    purpose,
+                    categories,
+                    "profile.update",
+                    request_id,
+                    table.version,
+                ),
+            )
             await session.commit()
 
     async def add_chapter(
@@ -148,12 +284,14 @@ class StoryVault:
         kind: str,
         occurred_at: datetime,
         body: object,
+        request_id: str | None = None,
     ) -> str:
-        self.check_purpose(purpose)
-        self.require_admin(principal)
+        purpose = self.check_purpose(purpose)
         encoded = self.vault.validate_chapter(category, kind, body)
+        subject = self.ring.pseudonym(customer_id)
         async with self.db.write_session() as session:
             await self.vault.require_active(session, customer_id)
+            table = await self.gate.check_write(session, principal, purpose, [category], subject)
             chapter_id = await self.vault.add_chapter(
                 session,
                 customer_id,
@@ -162,6 +300,18 @@ class StoryVault:
                 occurred_at=occurred_at,
                 body=encoded,
                 author_team=principal.team,
+            )
+            await self.audit_in(
+                session,
+                self._write_entry(
+                    principal,
+                    subject,
+                    purpose,
+                    [category],
+                    "chapter.add",
+                    request_id,
+                    table.version,
+                ),
             )
             await session.commit()
         return chapter_id
@@ -212,6 +362,7 @@ class StoryVault:
         async with self.db.write_session() as session:
             row = await self.teams.create_team(session, name, roles=roles, description=description)
             await session.commit()
+        await self.refresh_policy_catalog()
         log.info("team.created", team=name)
         return row
 
@@ -230,7 +381,41 @@ class StoryVault:
 
     # --- demo hooks (filled in by the policy and consent layers) --------------
     async def seed_demo_policy(self) -> None:
-        return None
+        """Load the demo deployment's starter policy (governance/demo_policy.toml)."""
+        raw = resources.files("governance").joinpath("demo_policy.toml").read_text()
+        async with self.db.session() as session:
+            teams = await self.teams.team_names(session)
+        catalog = self._policy_catalog(teams)
+        for rule in tomllib.loads(raw)["rules"]:
+            await self.policy_store.add_rule(RuleSpec(**rule), catalog)
+        await self.policy.reload()
 
     async def seed_demo_consents(self, customer_id: str) -> None:
-        return None
+        """Give demo customers a varied consent picture (deterministic per customer)."""
+        subject = self.ring.pseudonym(customer_id)
+        pick = int(hashlib.sha256(customer_id.encode()).hexdigest()[:4], 16)
+        choices = [
+            ("marketing.email", pick % 3 != 0),
+            ("personalization", pick % 2 == 0),
+            ("analytics.profiling", pick % 5 < 3),
+            ("sharing.partners", pick % 7 == 0),
+        ]
+        async with self.db.write_session() as session, session.begin():
+            for purpose, granted in choices:
+                if granted:
+                    event = await self.ledger.record(session, subject, purpose, granted=True)
+                    await self.audit_in(
+                        session,
+                        AuditEntry(
+                            kind=EntryKind.CONSENT,
+                            actor="customer",
+                            subject=subject,
+                            purpose=purpose,
+                            consent_index=event.ledger_index,
+                            detail={
+                                "event": "grant",
+                                "event_id": str(event.event_id),
+                                "channel": "portal",
+                            },
+                        ),
+                    )

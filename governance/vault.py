@@ -166,6 +166,7 @@ class Vault:
         await session.execute(
             insert(CustomerRow).values(
                 id=customer_id,
+                subject=self.ring.pseudonym(customer_id),
                 external_ref=external_ref,
                 status="active",
                 created_at=now,

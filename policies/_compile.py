@@ -242,11 +242,15 @@ def compile_snapshot(
     rules = state.rules
     enforcer = build_enforcer(rules, state.roles, model_path=model_path)
     by_line: dict[tuple[str, ...], Rule] = {rule.line(): rule for rule in rules}
-    inherited = inherited_names(catalog.teams, state.roles)
+    # Teams named by stored rules count as known even if this instance's catalog
+    # has not heard of them yet (a team created through another instance): rules
+    # only ever name teams that were validated when the rule was added.
+    teams = catalog.teams | {r.team for r in rules} | {team for team, _ in state.roles}
+    inherited = inherited_names(teams, state.roles)
     categories = sorted(catalog.categories)
     empty = dict.fromkeys(categories, NO_POLICY)
     tables: dict[tuple[str, str, str], DecisionTable] = {}
-    for team in sorted(catalog.teams):
+    for team in sorted(teams):
         subjects = inherited[team]
         team_rules = [rule for rule in rules if rule.team in subjects]
         # casbin evaluates every policy line per call; a team's own enforcer holds only

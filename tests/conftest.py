@@ -123,6 +123,43 @@ async def direct(settings: Settings) -> AsyncIterator[Any]:
         await vault.stop()
 
 
+DEMO_TEAMS = ("sales", "marketing", "support", "product")
+
+
+@pytest.fixture
+async def org(
+    client: AsyncTestClient[Any], admin: dict[str, str], direct: Any
+) -> dict[str, dict[str, str]]:
+    """The demo organisation: four teams with keys (over HTTP) and the starter policy
+    (stored directly, then picked up by the app's policy watcher, as on any instance).
+    Returns auth headers per team (and 'compliance' for the admin key)."""
+    headers = {"compliance": admin}
+    for team in DEMO_TEAMS:
+        resp = await client.post("/v1/admin/teams", json={"name": team}, headers=admin)
+        assert resp.status_code == 201, resp.text
+        key = (await client.post(f"/v1/admin/teams/{team}/keys", json={}, headers=admin)).json()
+        headers[team] = {"Authorization": f"Bearer {key['key']}"}
+    await direct.seed_demo_policy()
+    await wait_for_policy(client, await direct.policy_store.current_version())
+    return headers
+
+
+async def wait_for_policy(client: AsyncTestClient[Any], version: int, timeout: float = 5.0) -> None:
+    """Wait until the app under test has compiled policy ``version``."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while client.app.state.vault.policy.version < version:
+        assert time.monotonic() < deadline, "the app did not pick up the policy change"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def support(org: dict[str, dict[str, str]]) -> dict[str, str]:
+    return org["support"]
+
+
 @pytest.fixture
 def admin() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
+import msgspec
 from litestar import Controller, Request, get, patch, post
 from litestar.params import Body, JSONBody, Parameter
 
 from api.auth import require_team
 from api.deps import VaultDep
+from api.middleware import request_id
 from api.schemas import ChapterCreate, Created, CustomerCreate, CustomerList, IdItem
 from governance.errors import InvalidInput
 from governance.teams import Principal
@@ -44,7 +47,11 @@ class CustomersController(Controller):
         purpose: Purpose = None,
     ) -> Created:
         customer_id = await vault.create_customer(
-            request.user, purpose, external_ref=data.external_ref, profile=data.profile
+            request.user,
+            purpose,
+            external_ref=data.external_ref,
+            profile=data.profile,
+            request_id=request_id(),
         )
         return Created(id=customer_id)
 
@@ -68,7 +75,9 @@ class CustomersController(Controller):
         data: JSONBody[ProfilePatch],
         purpose: Purpose = None,
     ) -> None:
-        await vault.update_profile(request.user, purpose, parse_customer_id(customer_id), data)
+        await vault.update_profile(
+            request.user, purpose, parse_customer_id(customer_id), data, request_id()
+        )
 
     @post("/{customer_id:str}/chapters", operation_id="addChapter", status_code=201)
     async def add_chapter(
@@ -87,5 +96,133 @@ class CustomersController(Controller):
             kind=data.kind,
             occurred_at=data.occurred_at,
             body=data.body,
+            request_id=request_id(),
         )
         return Created(id=chapter_id)
+
+
+class StoryChapter(msgspec.Struct):
+    id: str
+    category: str
+    kind: str
+    occurred_at: datetime
+    author_team: str
+    body: Any
+
+
+class WithheldPart(msgspec.Struct):
+    category: str
+    reason: str
+
+
+class StoryRead(msgspec.Struct):
+    customer_id: str
+    purpose: str
+    profile: dict[str, Any]
+    chapters: list[StoryChapter]
+    withheld: list[WithheldPart]
+    audit_index: int
+
+
+class ConsentImport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    purpose: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+    granted: bool
+    channel: Annotated[str, msgspec.Meta(max_length=20)] = "import"
+    evidence: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+
+
+class AudiencePage(msgspec.Struct):
+    purpose: str
+    items: list[IdItem]
+    next_cursor: str | None
+
+
+class GatedReadController(Controller):
+    path = "/v1"
+    tags = ["customers"]
+    guards = [require_team]
+
+    @get("/customers/{customer_id:str}/story", operation_id="readStory")
+    async def story(
+        self,
+        request: Request[Principal, Any, Any],
+        vault: VaultDep,
+        customer_id: CustomerId,
+        purpose: Purpose = None,
+    ) -> StoryRead:
+        view = await vault.read_story(
+            request.user, parse_customer_id(customer_id), purpose, request_id()
+        )
+        return StoryRead(
+            customer_id=view.customer_id,
+            purpose=view.purpose,
+            profile=view.profile,
+            chapters=[StoryChapter(**c) for c in view.chapters],
+            withheld=[WithheldPart(**w) for w in view.withheld],
+            audit_index=view.audit_index,
+        )
+
+    @get("/customers/{customer_id:str}/consents", operation_id="customerConsents")
+    async def consents(self, vault: VaultDep, customer_id: CustomerId) -> dict[str, Any]:
+        items = await vault.consents_of(parse_customer_id(customer_id))
+        return {"items": [consent_json(c) for c in items]}
+
+    @post("/customers/{customer_id:str}/consents", operation_id="importConsent", status_code=201)
+    async def import_consent(
+        self,
+        request: Request[Principal, Any, Any],
+        vault: VaultDep,
+        customer_id: CustomerId,
+        data: JSONBody[ConsentImport],
+    ) -> dict[str, Any]:
+        outcome = await vault.import_consent(
+            request.user,
+            parse_customer_id(customer_id),
+            data.purpose,
+            granted=data.granted,
+            channel=data.channel,
+            evidence=data.evidence,
+            request_id=request_id(),
+        )
+        return receipt_json(outcome)
+
+    @get("/purposes/{purpose:str}/audience", operation_id="purposeAudience")
+    async def audience(
+        self,
+        request: Request[Principal, Any, Any],
+        vault: VaultDep,
+        purpose: Annotated[str, Parameter(max_length=120)],
+        cursor: Annotated[str | None, Parameter(max_length=80)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=10_000)] = 1000,
+    ) -> AudiencePage:
+        ids, next_cursor = await vault.audience(request.user, purpose, after=cursor, limit=limit)
+        return AudiencePage(
+            purpose=purpose, items=[IdItem(id=i) for i in ids], next_cursor=next_cursor
+        )
+
+
+def consent_json(c: Any) -> dict[str, Any]:
+    return {
+        "purpose": c.purpose,
+        "description": c.description,
+        "legal_basis": c.legal_basis,
+        "sale_or_sharing": c.sale_or_sharing,
+        "state": c.state,
+        "since": c.since,
+        "expires_at": c.expires_at,
+        "allowed": c.allowed,
+        "reason": c.reason,
+        "notice_version": c.notice_version,
+        "notice_sha256": c.notice_sha256,
+    }
+
+
+def receipt_json(outcome: Any) -> dict[str, Any]:
+    return {
+        "receipt": outcome.receipt,
+        "ledger_index": outcome.ledger_index,
+        "audit_index": outcome.audit_index,
+        "purpose": outcome.event.purpose,
+        "state": outcome.state,
+        "event": str(outcome.event.event_type),
+    }

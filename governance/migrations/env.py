@@ -6,7 +6,11 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-import governance.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+# Importing the packages registers every table on SQLModel.metadata.
+import audit  # noqa: F401
+import consent  # noqa: F401
+import governance.models  # noqa: F401
+import policies  # noqa: F401
 
 target_metadata = SQLModel.metadata
 

@@ -19,22 +19,24 @@ from tests.pgserver import free_port
 EMAIL = "Mira.Signin@example.org"
 
 
-async def _customer(client: AsyncTestClient[Any], admin: dict[str, str], email: str = EMAIL) -> str:
+async def _customer(
+    client: AsyncTestClient[Any], support: dict[str, str], email: str = EMAIL
+) -> str:
     remember_personal(email)
     resp = await client.post(
         "/v1/customers?purpose=service.support",
         json={"profile": {"email": email, "name": "Mira Signin"}},
-        headers=admin,
+        headers=support,
     )
     assert resp.status_code == 201
     return str(resp.json()["id"])
 
 
 async def test_sign_in_with_code_from_outbox_then_logout(
-    client: AsyncTestClient[Any], admin: dict[str, str], settings: Settings
+    client: AsyncTestClient[Any], support: dict[str, str], settings: Settings
 ) -> None:
     """A customer signs in with the code mailed to the outbox; after logout the token is dead."""
-    await _customer(client, admin)
+    await _customer(client, support)
     resp = await client.post("/v1/me/login", json={"email": "  mira.signin@EXAMPLE.org "})
     assert resp.status_code == 202
     outbox = Path(settings.mail_url.removeprefix("file://"))
@@ -54,10 +56,10 @@ async def test_sign_in_with_code_from_outbox_then_logout(
 
 
 async def test_unknown_address_gets_the_same_answer_and_no_mail(
-    client: AsyncTestClient[Any], admin: dict[str, str], settings: Settings
+    client: AsyncTestClient[Any], support: dict[str, str], settings: Settings
 ) -> None:
     """Login for an unknown address answers exactly like a known one, and sends nothing."""
-    await _customer(client, admin)
+    await _customer(client, support)
     known = await client.post("/v1/me/login", json={"email": EMAIL})
     unknown = await client.post("/v1/me/login", json={"email": "nobody.here@example.org"})
     assert known.status_code == unknown.status_code == 202
@@ -76,10 +78,10 @@ async def test_unknown_address_gets_the_same_answer_and_no_mail(
 
 
 async def test_lockout_after_five_wrong_codes(
-    client: AsyncTestClient[Any], admin: dict[str, str], settings: Settings
+    client: AsyncTestClient[Any], support: dict[str, str], settings: Settings
 ) -> None:
     """After five wrong codes even the right code is refused, with Retry-After."""
-    await _customer(client, admin)
+    await _customer(client, support)
     await client.post("/v1/me/login", json={"email": EMAIL})
     code = code_for(Path(settings.mail_url.removeprefix("file://")), EMAIL)
     wrong = "1" + code[1:] if code[0] != "1" else "2" + code[1:]
@@ -94,10 +96,10 @@ async def test_lockout_after_five_wrong_codes(
 
 
 async def test_parallel_guesses_cannot_exceed_the_attempt_limit(
-    client: AsyncTestClient[Any], admin: dict[str, str], settings: Settings
+    client: AsyncTestClient[Any], support: dict[str, str], settings: Settings
 ) -> None:
     """Twenty guesses at once still count against the limit of five."""
-    await _customer(client, admin)
+    await _customer(client, support)
     await client.post("/v1/me/login", json={"email": EMAIL})
     results = await asyncio.gather(
         *[
@@ -110,10 +112,10 @@ async def test_parallel_guesses_cannot_exceed_the_attempt_limit(
 
 
 async def test_login_rate_limited_per_address(
-    client: AsyncTestClient[Any], admin: dict[str, str]
+    client: AsyncTestClient[Any], support: dict[str, str]
 ) -> None:
     """More than five codes for one address in 15 minutes answers 429 with Retry-After."""
-    await _customer(client, admin)
+    await _customer(client, support)
     statuses = [
         (await client.post("/v1/me/login", json={"email": EMAIL})).status_code for _ in range(6)
     ]
@@ -124,7 +126,7 @@ async def test_login_rate_limited_per_address(
 
 
 async def test_sign_in_through_real_smtp(
-    tmp_path: Path, database_url: str, admin: dict[str, str]
+    tmp_path: Path, database_url: str, support: dict[str, str]
 ) -> None:
     """With smtp://host:port the code is delivered to a real SMTP server."""
     handler = _Collect()
@@ -134,7 +136,7 @@ async def test_sign_in_through_real_smtp(
     try:
         settings = make_settings(tmp_path, database_url, mail_url=f"smtp://127.0.0.1:{port}")
         async with AsyncTestClient(app=create_app(settings)) as client:
-            await _customer(client, admin)
+            await _customer(client, support)
             assert (await client.post("/v1/me/login", json={"email": EMAIL})).status_code == 202
             for _ in range(50):
                 if handler.received:

@@ -21,12 +21,12 @@ NAME = "Zelda Quartermain"
 CHAPTER_TEXT = "complained about the turquoise kayak paddle"
 
 
-async def _create(client: AsyncTestClient[Any], admin: dict[str, str], **profile: str) -> str:
+async def _create(client: AsyncTestClient[Any], support: dict[str, str], **profile: str) -> str:
     remember_personal(*profile.values())
     resp = await client.post(
         f"/v1/customers?purpose={PURPOSE}",
         json={"external_ref": "crm-1", "profile": profile},
-        headers=admin,
+        headers=support,
     )
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
@@ -34,7 +34,7 @@ async def _create(client: AsyncTestClient[Any], admin: dict[str, str], **profile
 
 async def test_nothing_stored_in_plaintext(
     client: AsyncTestClient[Any],
-    admin: dict[str, str],
+    support: dict[str, str],
     settings: Settings,
     backend: str,
     request: pytest.FixtureRequest,
@@ -44,7 +44,7 @@ async def test_nothing_stored_in_plaintext(
     remember_personal(CHAPTER_TEXT)
     cid = await _create(
         client,
-        admin,
+        support,
         name=NAME,
         email=EMAIL,
         phone="+49 30 5550199",
@@ -53,7 +53,7 @@ async def test_nothing_stored_in_plaintext(
     )
     resp = await client.post(
         f"/v1/customers/{cid}/chapters?purpose={PURPOSE}",
-        headers=admin,
+        headers=support,
         json={
             "category": "support.ticket",
             "kind": "ticket",
@@ -90,19 +90,19 @@ async def test_nothing_stored_in_plaintext(
 
 
 async def test_blind_index_lookup_ignores_case_and_spaces(
-    client: AsyncTestClient[Any], admin: dict[str, str]
+    client: AsyncTestClient[Any], support: dict[str, str]
 ) -> None:
     """A customer is found by e-mail whatever its case and surrounding spaces."""
-    cid = await _create(client, admin, name=NAME, email=EMAIL)
-    await _create(client, admin, name="Other Person", email="other.person@example.org")
+    cid = await _create(client, support, name=NAME, email=EMAIL)
+    await _create(client, support, name="Other Person", email="other.person@example.org")
     for probe in (EMAIL, EMAIL.upper(), f"  {EMAIL.lower()}  "):
         resp = await client.get(
-            "/v1/customers", params={"email": probe, "purpose": PURPOSE}, headers=admin
+            "/v1/customers", params={"email": probe, "purpose": PURPOSE}, headers=support
         )
         assert resp.status_code == 200
         assert resp.json() == {"items": [{"id": cid}]}
     resp = await client.get(
-        "/v1/customers", params={"email": "nobody@example.org", "purpose": PURPOSE}, headers=admin
+        "/v1/customers", params={"email": "nobody@example.org", "purpose": PURPOSE}, headers=support
     )
     assert resp.json() == {"items": []}
 
@@ -115,11 +115,11 @@ def test_blind_index_differs_between_deployments() -> None:
 
 
 async def test_swapped_ciphertexts_fail_to_decrypt(
-    client: AsyncTestClient[Any], admin: dict[str, str], direct: StoryVault
+    client: AsyncTestClient[Any], support: dict[str, str], direct: StoryVault
 ) -> None:
     """A ciphertext moved to another field or another customer does not decrypt."""
-    a = await _create(client, admin, name="Alpha Customer", email="alpha@example.org")
-    b = await _create(client, admin, name="Beta Customer", email="beta@example.org")
+    a = await _create(client, support, name="Alpha Customer", email="alpha@example.org")
+    b = await _create(client, support, name="Beta Customer", email="beta@example.org")
     vault: StoryVault = direct
     async with vault.db.session() as session:
         # another customer's sealed name, with its key id, copied into a's row

@@ -2,13 +2,16 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 11:04:53.628531
+Create Date: 2026-11-23 11:15:34.696854
 """
 from __future__ import annotations
 
 import sqlalchemy as sa
 import sqlmodel
 from alembic import op
+
+import audit
+import consent
 
 
 revision = '0001'
@@ -37,6 +40,38 @@ def upgrade() -> None:
     sa.Column('value', sqlmodel.sql.sqltypes.AutoString(length=2000), nullable=False),
     sa.PrimaryKeyConstraint('key')
     )
+    op.create_table('audit_entries',
+    sa.Column('leaf_index', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('leaf', sa.LargeBinary(), nullable=False),
+    sa.Column('leaf_hash', sa.LargeBinary(length=32), nullable=False),
+    sa.Column('kind', sa.String(length=32), nullable=False),
+    sa.Column('actor', sa.String(length=128), nullable=False),
+    sa.Column('subject', sa.String(length=128), nullable=True),
+    sa.Column('purpose', sa.String(length=128), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.PrimaryKeyConstraint('leaf_index')
+    )
+    with op.batch_alter_table('audit_entries', schema=None) as batch_op:
+        batch_op.create_index('ix_audit_entries_actor', ['actor', 'leaf_index'], unique=False)
+        batch_op.create_index('ix_audit_entries_created_at', ['created_at'], unique=False)
+        batch_op.create_index('ix_audit_entries_kind', ['kind', 'leaf_index'], unique=False)
+        batch_op.create_index('ix_audit_entries_purpose', ['purpose', 'leaf_index'], unique=False)
+        batch_op.create_index('ix_audit_entries_subject', ['subject', 'leaf_index'], unique=False)
+
+    op.create_table('audit_nodes',
+    sa.Column('level', sa.SmallInteger(), autoincrement=False, nullable=False),
+    sa.Column('node_index', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('hash', sa.LargeBinary(length=32), nullable=False),
+    sa.PrimaryKeyConstraint('level', 'node_index')
+    )
+    op.create_table('audit_tree_heads',
+    sa.Column('tree_size', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('root_hash', sa.LargeBinary(length=32), nullable=False),
+    sa.Column('timestamp_ms', sa.BigInteger(), nullable=False),
+    sa.Column('signature', sa.LargeBinary(length=64), nullable=False),
+    sa.Column('key_id', sa.String(length=128), nullable=False),
+    sa.PrimaryKeyConstraint('tree_size')
+    )
     op.create_table('chapters',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
     sa.Column('customer_id', sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
@@ -51,6 +86,45 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('chapters', schema=None) as batch_op:
         batch_op.create_index('ix_chapters_customer_time', ['customer_id', 'occurred_at'], unique=False)
+
+    op.create_table('consent_event',
+    sa.Column('ledger_index', sa.Integer(), autoincrement=False, nullable=False),
+    sa.Column('event_id', sa.Uuid(), nullable=False),
+    sa.Column('subject', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('purpose', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('legal_basis', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('event_type', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('notice_id', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('notice_version', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('notice_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('channel', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('actor', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('evidence', sqlmodel.sql.sqltypes.AutoString(length=2000), nullable=True),
+    sa.Column('recorded_at', consent._models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('captured_at', consent._models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', consent._models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('prev_event_id', sa.Uuid(), nullable=True),
+    sa.Column('prev_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.PrimaryKeyConstraint('ledger_index'),
+    sa.UniqueConstraint('event_id')
+    )
+    with op.batch_alter_table('consent_event', schema=None) as batch_op:
+        batch_op.create_index('ix_consent_event_subject_purpose', ['subject', 'purpose', 'ledger_index'], unique=False)
+
+    op.create_table('consent_state',
+    sa.Column('subject', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('purpose', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('state', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('since', consent._models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', consent._models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('last_event_id', sa.Uuid(), nullable=False),
+    sa.Column('last_ledger_index', sa.Integer(), nullable=False),
+    sa.PrimaryKeyConstraint('subject', 'purpose')
+    )
+    with op.batch_alter_table('consent_state', schema=None) as batch_op:
+        batch_op.create_index('ix_consent_state_audience', ['purpose', 'state', 'subject'], unique=False)
 
     op.create_table('customer_sessions',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
@@ -67,12 +141,14 @@ def upgrade() -> None:
 
     op.create_table('customers',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
+    sa.Column('subject', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('external_ref', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('erased_at', sa.DateTime(timezone=True), nullable=True),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('subject')
     )
     with op.batch_alter_table('customers', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_customers_external_ref'), ['external_ref'], unique=False)
@@ -114,6 +190,29 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_login_codes_client_digest'), ['client_digest'], unique=False)
         batch_op.create_index('ix_login_codes_index_time', ['blind_index', 'created_at'], unique=False)
 
+    op.create_table('policy_role',
+    sa.Column('team', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+    sa.Column('role', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+    sa.PrimaryKeyConstraint('team', 'role')
+    )
+    op.create_table('policy_rule',
+    sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
+    sa.Column('team', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+    sa.Column('category', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+    sa.Column('action', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('purpose', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+    sa.Column('effect', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('mask', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('team', 'category', 'action', 'purpose', 'effect', 'mask', name='uq_policy_rule_line')
+    )
+    op.create_table('policy_version',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('changed_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.PrimaryKeyConstraint('id')
+    )
     op.create_table('profile_values',
     sa.Column('customer_id', sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
     sa.Column('field', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
@@ -131,12 +230,22 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('name')
     )
     # ### end Alembic commands ###
+    # The logs are append-only in the database too: triggers refuse UPDATE and
+    # DELETE (and TRUNCATE on PostgreSQL); verification catches what DDL rights bypass.
+    dialect = op.get_bind().dialect.name
+    for statement in audit.append_only_ddl(dialect, audit.TABLE_NAMES):
+        op.execute(statement)
+    for statement in consent.append_only_ddl(dialect):
+        op.execute(statement)
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
     op.drop_table('teams')
     op.drop_table('profile_values')
+    op.drop_table('policy_version')
+    op.drop_table('policy_rule')
+    op.drop_table('policy_role')
     with op.batch_alter_table('login_codes', schema=None) as batch_op:
         batch_op.drop_index('ix_login_codes_index_time')
         batch_op.drop_index(batch_op.f('ix_login_codes_client_digest'))
@@ -158,10 +267,28 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_customer_sessions_customer_id'))
 
     op.drop_table('customer_sessions')
+    with op.batch_alter_table('consent_state', schema=None) as batch_op:
+        batch_op.drop_index('ix_consent_state_audience')
+
+    op.drop_table('consent_state')
+    with op.batch_alter_table('consent_event', schema=None) as batch_op:
+        batch_op.drop_index('ix_consent_event_subject_purpose')
+
+    op.drop_table('consent_event')
     with op.batch_alter_table('chapters', schema=None) as batch_op:
         batch_op.drop_index('ix_chapters_customer_time')
 
     op.drop_table('chapters')
+    op.drop_table('audit_tree_heads')
+    op.drop_table('audit_nodes')
+    with op.batch_alter_table('audit_entries', schema=None) as batch_op:
+        batch_op.drop_index('ix_audit_entries_subject')
+        batch_op.drop_index('ix_audit_entries_purpose')
+        batch_op.drop_index('ix_audit_entries_kind')
+        batch_op.drop_index('ix_audit_entries_created_at')
+        batch_op.drop_index('ix_audit_entries_actor')
+
+    op.drop_table('audit_entries')
     op.drop_table('app_meta')
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_api_keys_team'))
