@@ -144,12 +144,12 @@ async def org(
     return headers
 
 
-async def wait_for_policy(client: AsyncTestClient[Any], version: int, timeout: float = 5.0) -> None:
+async def wait_for_policy(client: AsyncTestClient[Any], version: int, within: float = 5.0) -> None:
     """Wait until the app under test has compiled policy ``version``."""
     import asyncio
     import time
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while client.app.state.vault.policy.version < version:
         assert time.monotonic() < deadline, "the app did not pick up the policy change"
         await asyncio.sleep(0.05)
