@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from governance.db import Database
 from governance.keys import KeyRing, KeyRingError
 from governance.models import DATA_KEYS, DataKeyRow
 
@@ -28,14 +29,24 @@ def dek_aad(customer_id: str, scope: str, dek_id: str) -> bytes:
 class DataKeys:
     """Data keys per (customer, scope); scope is a category name.
 
+    The keys live in the *key store*, a database apart from the story's (a
+    sibling SQLite file, or the database named by STORYVAULT_KEYSTORE_URL).
+    That separation is what makes erasure reach backups: a copy of the story
+    database holds ciphertexts and key ids but no keys, and once a customer's
+    keys are destroyed in the live key store, no copy can be decrypted with the
+    live key ring. (The key store's own backups get a short retention.)
+
     Unwrapped keys are cached (bounded size and TTL) so the gated read does
     no KEK work on a warm path; destroying a key evicts it here, and values of
     a destroyed key are deleted in the same transaction, so a stale cache entry
     in another instance has nothing left to decrypt.
     """
 
-    def __init__(self, ring: KeyRing, *, cache_size: int, cache_ttl: float) -> None:
+    def __init__(
+        self, ring: KeyRing, store: Database, *, cache_size: int, cache_ttl: float
+    ) -> None:
         self.ring = ring
+        self.store = store
         self._cache: TTLCache[str, AESGCM] | None = (
             TTLCache(maxsize=cache_size, ttl=cache_ttl) if cache_size and cache_ttl else None
         )
@@ -54,32 +65,50 @@ class DataKeys:
                 for dek_id in dek_ids:
                     self._cache.pop(dek_id, None)
 
-    async def for_write(
-        self, session: AsyncSession, customer_id: str, scope: str
-    ) -> tuple[str, AESGCM]:
-        """The live key of (customer, scope), created on first use."""
-        row = (
-            await session.execute(
-                select(DATA_KEYS.id, DATA_KEYS.kek_version, DATA_KEYS.wrapped)
-                .where(
-                    DATA_KEYS.customer_id == customer_id,
-                    DATA_KEYS.scope == scope,
-                    DATA_KEYS.destroyed_at.is_(None),
+    async def for_write(self, customer_id: str, scope: str) -> tuple[str, AESGCM]:
+        """The live key of (customer, scope), created (and committed) on first use.
+
+        The key commits before the values it will seal: a failed story write
+        leaves at most an unused key, never a value without its key.
+        """
+        async with self.store.session() as session:
+            row = (
+                await session.execute(
+                    select(DATA_KEYS.id, DATA_KEYS.kek_version, DATA_KEYS.wrapped)
+                    .where(
+                        DATA_KEYS.customer_id == customer_id,
+                        DATA_KEYS.scope == scope,
+                        DATA_KEYS.destroyed_at.is_(None),
+                    )
+                    .order_by(DATA_KEYS.created_at)
+                    .limit(1)
                 )
-                .order_by(DATA_KEYS.created_at)
-                .limit(1)
-            )
-        ).first()
+            ).first()
         if row is not None and row.wrapped is not None:
             return row.id, await self._unwrap_one(
                 customer_id, scope, row.id, row.kek_version, row.wrapped
             )
-        dek_id, aead, row_values = self.new_key(customer_id, scope)
-        await session.execute(insert(DataKeyRow).values(row_values))
-        return dek_id, aead
+        created = await self.create(customer_id, [scope])
+        return created[scope]
+
+    async def create(
+        self, customer_id: str, scopes: Iterable[str]
+    ) -> dict[str, tuple[str, AESGCM]]:
+        """Fresh keys for ``scopes`` in one key-store transaction."""
+        out: dict[str, tuple[str, AESGCM]] = {}
+        rows: list[dict[str, object]] = []
+        for scope in dict.fromkeys(scopes):
+            dek_id, aead, row = self.new_key(customer_id, scope)
+            out[scope] = (dek_id, aead)
+            rows.append(row)
+        if rows:
+            async with self.store.write_session() as session:
+                await session.execute(insert(DataKeyRow), rows)
+                await session.commit()
+        return out
 
     def new_key(self, customer_id: str, scope: str) -> tuple[str, AESGCM, dict[str, object]]:
-        """A fresh data key and the row that stores it wrapped (for a bulk insert)."""
+        """A fresh data key and the row that stores it wrapped by the current KEK."""
         dek_id = str(uuid.uuid4())
         raw = secrets.token_bytes(32)
         version, wrapped = self.ring.wrap(raw, dek_aad(customer_id, scope, dek_id))
@@ -108,7 +137,7 @@ class DataKeys:
         self._remember(dek_id, aead)
         return aead
 
-    async def for_read(self, session: AsyncSession, dek_ids: set[str]) -> dict[str, AESGCM]:
+    async def for_read(self, dek_ids: set[str]) -> dict[str, AESGCM]:
         """Unwrapped keys for the given ids; destroyed keys are simply absent."""
         found: dict[str, AESGCM] = {}
         missing: list[str] = []
@@ -122,18 +151,21 @@ class DataKeys:
         self.hits += len(found)
         if missing:
             self.misses += len(missing)
-            rows = await session.execute(
-                select(
-                    DATA_KEYS.id,
-                    DATA_KEYS.customer_id,
-                    DATA_KEYS.scope,
-                    DATA_KEYS.kek_version,
-                    DATA_KEYS.wrapped,
-                ).where(
-                    DATA_KEYS.id.in_(missing),
-                    DATA_KEYS.destroyed_at.is_(None),
-                )
-            )
+            async with self.store.session() as session:
+                rows = (
+                    await session.execute(
+                        select(
+                            DATA_KEYS.id,
+                            DATA_KEYS.customer_id,
+                            DATA_KEYS.scope,
+                            DATA_KEYS.kek_version,
+                            DATA_KEYS.wrapped,
+                        ).where(
+                            DATA_KEYS.id.in_(missing),
+                            DATA_KEYS.destroyed_at.is_(None),
+                        )
+                    )
+                ).all()
             for row in rows:
                 if row.wrapped is None:
                     continue
@@ -145,10 +177,17 @@ class DataKeys:
                 found[row.id] = aead
         return found
 
-    async def destroy(
+    async def destroy(self, customer_id: str, scopes: Iterable[str] | None) -> list[str]:
+        """Crypto-shred: forget the wrapped keys of these scopes (all when None)."""
+        async with self.store.write_session() as session:
+            ids = await self._destroy(session, customer_id, scopes)
+            await session.commit()
+        self.forget(ids)
+        return ids
+
+    async def _destroy(
         self, session: AsyncSession, customer_id: str, scopes: Iterable[str] | None
     ) -> list[str]:
-        """Crypto-shred: forget the wrapped keys of these scopes (all when None)."""
         stmt = select(DATA_KEYS.id).where(
             DATA_KEYS.customer_id == customer_id,
             DATA_KEYS.destroyed_at.is_(None),
@@ -162,11 +201,16 @@ class DataKeys:
                 .where(DATA_KEYS.id.in_(ids))
                 .values(wrapped=None, destroyed_at=datetime.now(UTC))
             )
-        self.forget(ids)
         return ids
 
-    async def rewrap_batch(self, session: AsyncSession, *, limit: int) -> int:
-        """Re-wrap up to ``limit`` live keys not under the current KEK; returns how many."""
+    async def rewrap_batch(self, *, limit: int) -> int:
+        """Re-wrap up to ``limit`` live keys not under the current KEK (one transaction)."""
+        async with self.store.write_session() as session:
+            count = await self._rewrap(session, limit=limit)
+            await session.commit()
+        return count
+
+    async def _rewrap(self, session: AsyncSession, *, limit: int) -> int:
         current = self.ring.current_kek
         rows = (
             await session.execute(
@@ -197,10 +241,11 @@ class DataKeys:
             )
         return len(rows)
 
-    async def kek_versions_in_use(self, session: AsyncSession) -> set[int]:
-        rows = await session.execute(
-            select(DATA_KEYS.kek_version).where(DATA_KEYS.destroyed_at.is_(None)).distinct()
-        )
+    async def kek_versions_in_use(self) -> set[int]:
+        async with self.store.session() as session:
+            rows = await session.execute(
+                select(DATA_KEYS.kek_version).where(DATA_KEYS.destroyed_at.is_(None)).distinct()
+            )
         return set(rows.scalars())
 
 

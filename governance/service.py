@@ -51,8 +51,17 @@ class StoryVault(Operations):
             settings.data_dir, settings.keyring_json
         )
         self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        keystore_url = settings.effective_keystore_url
+        self.keystore = (
+            self.db
+            if keystore_url == settings.database_url
+            else Database(keystore_url, sqlite_synchronous=settings.sqlite_synchronous)
+        )
         self.keys = DataKeys(
-            self.ring, cache_size=settings.dek_cache_size, cache_ttl=settings.dek_cache_ttl
+            self.ring,
+            self.keystore,
+            cache_size=settings.dek_cache_size,
+            cache_ttl=settings.dek_cache_ttl,
         )
         self.vault = Vault(self.ring, self.catalog, self.keys)
         self.teams = Teams(self.ring)
@@ -102,8 +111,10 @@ class StoryVault(Operations):
     async def start(self, *, migrate: bool = True) -> None:
         if migrate:
             await self.db.upgrade()
+            if self.keystore is not self.db:
+                await self.keystore.upgrade()
         async with self.db.write_session() as session:
-            check_ring_fits(self.ring, await self.keys.kek_versions_in_use(session))
+            check_ring_fits(self.ring, await self.keys.kek_versions_in_use())
             fresh = await session.get(AppMetaRow, "initialized") is None
             if fresh:
                 session.add(AppMetaRow(key="initialized", value=self.catalog.digest))
@@ -132,6 +143,8 @@ class StoryVault(Operations):
             self.policy_watcher = None
         await self.audit_writer.stop()
         await self.db.dispose()
+        if self.keystore is not self.db:
+            await self.keystore.dispose()
 
     async def ready(self) -> dict[str, Any]:
         async with self.db.session() as session:

@@ -68,6 +68,9 @@ class Settings:
     """Where the embedded database, the key ring and the mail outbox live."""
     database_url: str
     """SQLAlchemy async URL: ``sqlite+aiosqlite:///…`` or ``postgresql+asyncpg://…``."""
+    keystore_url: str = ""
+    """Database of the data keys, kept apart from the story so erasure reaches backups
+    (default: a sibling SQLite file; with PostgreSQL, the same database unless set)."""
     host: str = "127.0.0.1"
     """Listen address."""
     port: int = 8000
@@ -111,6 +114,15 @@ class Settings:
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    @property
+    def effective_keystore_url(self) -> str:
+        if self.keystore_url:
+            return self.keystore_url
+        if self.is_sqlite and ":///" in self.database_url:
+            path = Path(self.database_url.split(":///", 1)[1])
+            return f"sqlite+aiosqlite:///{path.with_name(path.stem + '-keys' + path.suffix)}"
+        return self.database_url
+
 
 def load_settings() -> Settings:
     """Read and validate the environment; raise SettingsError naming the variable."""
@@ -121,6 +133,14 @@ def load_settings() -> Settings:
         raise SettingsError(
             f"{_PREFIX}DATABASE_URL must start with sqlite+aiosqlite:// or "
             f"postgresql+asyncpg://, got scheme {scheme!r}"
+        )
+    keystore_url = _env("KEYSTORE_URL") or ""
+    if keystore_url and keystore_url.split("://", 1)[0] not in {
+        "sqlite+aiosqlite",
+        "postgresql+asyncpg",
+    }:
+        raise SettingsError(
+            f"{_PREFIX}KEYSTORE_URL must be a sqlite+aiosqlite or postgresql+asyncpg URL"
         )
     mail_url = _env("MAIL_URL") or f"file://{data_dir / 'outbox'}"
     parsed = urlparse(mail_url)
@@ -141,6 +161,7 @@ def load_settings() -> Settings:
     return Settings(
         data_dir=data_dir,
         database_url=database_url,
+        keystore_url=keystore_url,
         host=host,
         port=_int("PORT", 8000, low=1, high=65535),
         admin_key=admin_key,

@@ -30,7 +30,6 @@ from governance.models import (
     PROFILE_VALUES,
     ChapterRow,
     CustomerRow,
-    DataKeyRow,
     EmailIndexRow,
     ProfileValueRow,
 )
@@ -137,7 +136,7 @@ class Vault:
     ) -> None:
         for name, value in values.items():
             category = self.catalog.profile_fields[name].category
-            dek_id, aead = await self.keys.for_write(session, customer_id, category)
+            dek_id, aead = await self.keys.for_write(customer_id, category)
             sealed = seal_value(aead, value.encode(), value_aad(customer_id, name, name, dek_id))
             await session.merge(
                 ProfileValueRow(
@@ -173,15 +172,12 @@ class Vault:
                 updated_at=now,
             )
         )
-        keys: dict[str, tuple[str, Any]] = {}
-        key_rows: list[dict[str, object]] = []
+        keys = await self.keys.create(
+            customer_id, [self.catalog.profile_fields[name].category for name in profile]
+        )
         value_rows: list[dict[str, object]] = []
         for name, value in profile.items():
             category = self.catalog.profile_fields[name].category
-            if category not in keys:
-                dek_id, aead, row = self.keys.new_key(customer_id, category)
-                keys[category] = (dek_id, aead)
-                key_rows.append(row)
             dek_id, aead = keys[category]
             value_rows.append(
                 {
@@ -201,8 +197,7 @@ class Vault:
                         blind_index=self.ring.blind_index(value), customer_id=customer_id
                     )
                 )
-        if key_rows:
-            await session.execute(insert(DataKeyRow), key_rows)
+        if value_rows:
             await session.execute(insert(ProfileValueRow), value_rows)
         return customer_id
 
@@ -247,7 +242,7 @@ class Vault:
         author_team: str,
     ) -> str:
         chapter_id = str(uuid.uuid4())
-        dek_id, aead = await self.keys.for_write(session, customer_id, category)
+        dek_id, aead = await self.keys.for_write(customer_id, category)
         sealed = seal_value(aead, body, value_aad(customer_id, chapter_id, category, dek_id))
         session.add(
             ChapterRow(
@@ -317,9 +312,7 @@ class Vault:
             cstmt = cstmt.limit(chapter_limit)
         prow = (await session.execute(pstmt)).all()
         crow = (await session.execute(cstmt)).all()
-        keys = await self.keys.for_read(
-            session, {r.dek_id for r in prow} | {r.dek_id for r in crow}
-        )
+        keys = await self.keys.for_read({r.dek_id for r in prow} | {r.dek_id for r in crow})
         for r in prow:
             aead = keys.get(r.dek_id)
             if aead is None:
