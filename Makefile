@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench run-cluster clean
+.PHONY: run test lint typecheck bench bench-soak run-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: $(STAMP) lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+bench-soak: $(STAMP)
+	$(BIN)/python -m bench.run --soak 600
 
 run-cluster: $(STAMP)
 	$(BIN)/python docker/cluster.py

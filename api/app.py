@@ -17,10 +17,19 @@ from api.auth import PUBLIC_PATHS, BearerAuthMiddleware
 from api.controllers.admin import TeamsController
 from api.controllers.audit import AuditEntriesController, TransparencyController
 from api.controllers.customers import CustomersController, GatedReadController
+from api.controllers.insights import InsightsController, MyInsightsController
 from api.controllers.me import MeController, SessionController, SignInController
 from api.controllers.ops import health, ready
 from api.controllers.policies import PoliciesController
+from api.controllers.reports import ReportsController
+from api.controllers.rights import (
+    AdminRightsController,
+    MyRightsController,
+    TeamRequestsController,
+    export_schema_doc,
+)
 from api.middleware import RequestLogMiddleware
+from api.portal import PortalController, portal_static_router, portal_template_config
 from api.problems import exception_handlers
 from audit import AuditError
 from consent import ConsentError
@@ -70,10 +79,19 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
             SessionController,
             MeController,
             GatedReadController,
+            InsightsController,
+            MyInsightsController,
             PoliciesController,
             AuditEntriesController,
             TransparencyController,
+            ReportsController,
+            MyRightsController,
+            TeamRequestsController,
+            AdminRightsController,
+            export_schema_doc,
             PrometheusController,
+            PortalController,
+            portal_static_router(),
         ],
         dependencies={"vault": Provide(provide_vault)},
         middleware=[
@@ -91,7 +109,13 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
         ),
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
+        template_config=portal_template_config(),
         debug=False,
     )
+    if settings.bench_routes:
+        # `make bench` only: the bare read the gated read is compared with.
+        from api.controllers.bench import BenchController
+
+        app.register(BenchController)
     app.state.vault = vault
     return app

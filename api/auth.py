@@ -63,6 +63,8 @@ class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
             customer = await vault.authenticate_customer(token)
             if customer is None:
                 raise NotAuthorizedException("the session is unknown, expired or ended")
+            if customer.erased and not connection.scope["path"].startswith("/v1/me/requests"):
+                raise NotAuthorizedException("this customer's story was erased")
             if connection.headers.get("sec-gpc", "").strip() == "1":
                 # Global Privacy Control: an opt-out of every sale/sharing purpose,
                 # recorded once (the ledger call is idempotent).

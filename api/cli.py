@@ -112,5 +112,189 @@ def db_upgrade() -> None:
     click.echo("database is up to date")
 
 
+@main.group("audit")
+def audit_group() -> None:
+    """Audit log tasks."""
+
+
+@audit_group.command("verify")
+@click.option("--page-size", type=click.IntRange(min=1), default=5000, show_default=True)
+def audit_verify(page_size: int) -> None:
+    """Recompute the audit log from its leaves, check every stored hash and tree-head
+    signature; exit 0 when intact, 1 at the first divergence."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from audit import LogVerification, verify_log
+
+    settings = _settings()
+
+    async def work(vault: StoryVault) -> LogVerification:
+        keys = dict(vault.ring.public_jwks())
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("verifying audit log", total=None)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            return await verify_log(vault.db.engine, keys, progress=advance, page_size=page_size)
+
+    result = _with_vault(settings, work)
+    if result.ok:
+        click.echo(
+            f"audit log intact: {result.tree_size} entries, {result.nodes_checked} subtree "
+            f"hashes and {result.tree_heads_checked} signed tree heads verified"
+        )
+        return
+    d = result.divergence
+    assert d is not None
+    where = f"leaf index {d.leaf_index}" if d.leaf_index is not None else f"tree size {d.tree_size}"
+    click.echo(
+        f"audit log NOT intact: first divergence at {where}: {d.what} ({d.detail}); "
+        f"{result.entries_checked} entries verified before it"
+    )
+    sys.exit(1)
+
+
+@main.group()
+def keys() -> None:
+    """Key ring tasks."""
+
+
+@keys.command("rotate")
+@click.option("--batch", type=int, default=500, show_default=True, help="data keys per transaction")
+def keys_rotate(batch: int) -> None:
+    """Add a KEK version, re-wrap every data key online, retire unused KEKs."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    settings = _settings()
+
+    async def work(vault: StoryVault) -> dict[str, int]:
+        await vault.start(migrate=True)
+        async with vault.keystore.session() as session:
+            from sqlalchemy import func, select
+
+            from governance.models import DATA_KEYS
+
+            total = (
+                await session.execute(select(func.count()).where(DATA_KEYS.destroyed_at.is_(None)))
+            ).scalar_one()
+        with Progress(
+            TextColumn("re-wrapping data keys"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            console=console,
+        ) as bar:
+            task = bar.add_task("rewrap", total=total)
+            return await vault.rights.rotate_keys(
+                batch=batch,
+                progress=lambda done: bar.update(task, completed=done),
+                actor="operator",
+            )
+
+    result = _with_vault(settings, work)
+    click.echo(
+        f"KEK version {result['kek_version']} is current; {result['rewrapped']} data keys "
+        f"re-wrapped; {result['retired']} old KEK(s) retired"
+    )
+
+
+@main.group()
+def retention() -> None:
+    """Retention tasks."""
+
+
+@retention.command("sweep")
+def retention_sweep() -> None:
+    """Delete what outlived its retention, end expired legal holds, expire old consents."""
+    settings = _settings()
+
+    async def work(vault: StoryVault) -> dict[str, int]:
+        await vault.start(migrate=True)
+        return await vault.rights.sweep()
+
+    counts = _with_vault(settings, work)
+    click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
+@main.command("report")
+@click.argument("name", type=click.Choice(["ropa", "consent", "requests", "access", "integrity"]))
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "csv", "html"]), default="json", show_default=True
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="file to write (default: standard output)",
+)
+@click.option("--since", type=click.DateTime(), default=None, help="window start (UTC)")
+@click.option("--until", type=click.DateTime(), default=None, help="window end (UTC, exclusive)")
+@click.option(
+    "--from-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="integrity: tree size of the previous report's tree head",
+)
+@click.option("--from-root", default=None, help="integrity: root hash of that tree head (hex)")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="integrity: recompute the whole audit log and consent ledger",
+)
+def report(
+    name: str,
+    fmt: str,
+    output: str | None,
+    since: Any,
+    until: Any,
+    from_size: int | None,
+    from_root: str | None,
+    verify: bool,
+) -> None:
+    """Generate a compliance report; its SHA-256 is written to the audit log."""
+    from governance.errors import GovernanceError
+    from governance.reports import RenderedReport, Reports
+
+    settings = _settings()
+
+    async def work(vault: StoryVault) -> RenderedReport:
+        await vault.start(migrate=True)
+        return await Reports(vault).generate(
+            name,
+            fmt,
+            actor="operator",
+            since=since,
+            until=until,
+            from_size=from_size,
+            from_root=from_root,
+            verify=verify,
+        )
+
+    try:
+        result = _with_vault(settings, work)
+    except GovernanceError as exc:
+        click.echo(f"storyvault: {exc.message}", err=True)
+        sys.exit(2)
+    if output is None:
+        sys.stdout.buffer.write(result.body)
+        sys.stdout.flush()
+    else:
+        with open(output, "wb") as fh:
+            fh.write(result.body)
+    click.echo(
+        f"{name} report ({fmt}, {len(result.body)} bytes) sha256 {result.sha256}, "
+        f"audit index {result.audit_index}",
+        err=True,
+    )
+
+
 def run_cli(args: list[str]) -> Any:  # pragma: no cover - convenience for tests
     return main.main(args=args, standalone_mode=False)

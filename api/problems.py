@@ -19,6 +19,8 @@ from litestar.exceptions import (
 )
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from policies import PolicyError
+
 __all__ = ["PROBLEM_JSON", "exception_handlers", "problem"]
 
 PROBLEM_JSON = "application/problem+json"
@@ -94,7 +96,10 @@ def problem(
 def _domain(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     code = str(getattr(exc, "code", "error"))
     kind = str(getattr(exc, "kind", "invalid"))
-    status = 400 if code in BAD_REQUEST_CODES and kind == "invalid" else KIND_STATUS.get(kind, 422)
+    # A rule naming an unknown purpose is an invalid rule (422, like an unknown team or
+    # category); 400 is for a request's own malformed purpose/id/query parameter.
+    bad_request = code in BAD_REQUEST_CODES and not isinstance(exc, PolicyError)
+    status = 400 if bad_request and kind == "invalid" else KIND_STATUS.get(kind, 422)
     extra: dict[str, Any] = {}
     reason = getattr(exc, "extra", {}).get("reason") if hasattr(exc, "extra") else None
     if reason:

@@ -48,6 +48,9 @@ class RateLimited(GovernanceError):
 class CustomerPrincipal:
     customer_id: str
     session_id: str
+    # An erased customer's open session may still read its requests register
+    # (to fetch the erasure certificate) and nothing else.
+    erased: bool = False
 
 
 def _aware(value: datetime) -> datetime:
@@ -190,11 +193,13 @@ class Identity:
                 .where(CUSTOMER_SESSIONS.digest == self.ring.token_digest(token))
             )
         ).first()
-        if row is None or row.revoked_at is not None or row.status == "erased":
+        if row is None or row.revoked_at is not None:
             return None
         if _aware(row.expires_at) <= datetime.now(UTC):
             return None
-        return CustomerPrincipal(customer_id=row.customer_id, session_id=row.id)
+        return CustomerPrincipal(
+            customer_id=row.customer_id, session_id=row.id, erased=row.status == "erased"
+        )
 
     async def logout(self, session: AsyncSession, session_id: str) -> None:
         await session.execute(

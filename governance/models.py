@@ -9,12 +9,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, LargeBinary, Table, UniqueConstraint
+from sqlalchemy import Column, DateTime, Index, LargeBinary, Table, Text, UniqueConstraint
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
 from sqlmodel import Field, SQLModel
 
 __all__ = [
     "API_KEYS",
+    "CATEGORY_STATES",
     "CHAPTERS",
     "CUSTOMERS",
     "CUSTOMER_SESSIONS",
@@ -22,9 +23,11 @@ __all__ = [
     "EMAIL_INDEX",
     "LOGIN_CODES",
     "PROFILE_VALUES",
+    "RIGHTS_REQUESTS",
     "TEAMS",
     "ApiKeyRow",
     "AppMetaRow",
+    "CategoryStateRow",
     "ChapterRow",
     "CustomerRow",
     "CustomerSessionRow",
@@ -32,6 +35,7 @@ __all__ = [
     "EmailIndexRow",
     "LoginCodeRow",
     "ProfileValueRow",
+    "RightsRequestRow",
     "TeamRow",
     "columns",
 ]
@@ -49,6 +53,9 @@ class CustomerRow(SQLModel, table=True):
     subject: str = Field(max_length=64, unique=True)
     external_ref: str | None = Field(default=None, max_length=200, index=True)
     status: str = Field(default="active", max_length=16)
+    # True once any category was erased or put under hold: only then does a read
+    # consult category_states (keeps the common read one query shorter).
+    restricted: bool = Field(default=False)
     created_at: datetime = Field(sa_column=_ts())
     updated_at: datetime = Field(sa_column=_ts())
     erased_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
@@ -192,3 +199,44 @@ class CustomerSessionRow(SQLModel, table=True):
 
 LOGIN_CODES = columns(LoginCodeRow)
 CUSTOMER_SESSIONS = columns(CustomerSessionRow)
+
+
+class CategoryStateRow(SQLModel, table=True):
+    """A category of one customer's story that was erased, or is kept under legal hold."""
+
+    __tablename__ = "category_states"
+
+    customer_id: str = Field(primary_key=True, max_length=36)
+    category: str = Field(primary_key=True, max_length=120)
+    state: str = Field(max_length=16)  # erased | held
+    hold_purpose: str | None = Field(default=None, max_length=120)
+    hold_until: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    since: datetime = Field(sa_column=_ts())
+
+
+class RightsRequestRow(SQLModel, table=True):
+    """The register of data-subject requests (GDPR Art. 12(3) deadlines)."""
+
+    __tablename__ = "rights_requests"
+    __table_args__ = (Index("ix_rights_requests_customer", "customer_id", "received_at"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    customer_id: str = Field(max_length=36)
+    subject: str = Field(max_length=64)
+    type: str = Field(max_length=20)
+    status: str = Field(max_length=16)
+    channel: str = Field(max_length=20)
+    received_at: datetime = Field(sa_column=_ts(index=True))
+    due_at: datetime = Field(sa_column=_ts())
+    completed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    extended_reason: str | None = Field(default=None, max_length=500)
+    refused_reason: str | None = Field(default=None, max_length=500)
+    scope: str = Field(default="", max_length=2000)
+    catalog_digest: str = Field(max_length=64)
+    policy_version: int
+    certificate: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    audit_index: int | None = None
+
+
+CATEGORY_STATES = columns(CategoryStateRow)
+RIGHTS_REQUESTS = columns(RightsRequestRow)

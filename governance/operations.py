@@ -262,7 +262,7 @@ class Operations:
             "consent.recorded",
             subject=subject,
             purpose=purpose,
-            event=str(event.event_type),
+            event_type=str(event.event_type),
             ledger_index=event.ledger_index,
         )
         return ConsentOutcome(
@@ -305,7 +305,8 @@ class Operations:
         request_id: str | None = None,
     ) -> ConsentOutcome:
         self._terms(purpose)
-        if not self.policy.table(principal.team, purpose, Action.WRITE).has_any_rule:
+        # A write rule that allows something: a deny-only rule set grants no write.
+        if not self.policy.table(principal.team, purpose, Action.WRITE).allowed:
             raise Forbidden(
                 f"team '{principal.team}' has no write rule for purpose '{purpose}'",
                 code="no_policy",

@@ -3,6 +3,7 @@ consent and audit together. ``api/`` calls only this object."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -22,12 +23,15 @@ from governance.catalog import Catalog, load_catalog
 from governance.datakeys import DataKeys, check_ring_fits
 from governance.db import Database
 from governance.errors import Forbidden, InvalidInput
+from governance.export import Exporter
 from governance.gate import AuditSink, Gate, StoryView
 from governance.identity import CustomerPrincipal, Identity
+from governance.insights import InsightsOperations
 from governance.keys import KeyRing
 from governance.mail import Mailer
 from governance.models import AppMetaRow
 from governance.operations import Operations
+from governance.rights import Rights
 from governance.settings import Settings
 from governance.teams import ADMIN_ROLE, IssuedKey, Principal, Teams
 from governance.vault import Vault
@@ -43,7 +47,7 @@ class DemoKeys:
     keys: list[IssuedKey]
 
 
-class StoryVault(Operations):
+class StoryVault(Operations, InsightsOperations):
     def __init__(self, settings: Settings, *, catalog: Catalog | None = None) -> None:
         self.settings = settings
         self.catalog = catalog or load_catalog(settings.catalog_path)
@@ -81,6 +85,9 @@ class StoryVault(Operations):
         self.policy_store = PolicyStore(self.db.engine)
         self.policy = PolicyEngine(self.policy_store, self._policy_catalog(set()))
         self.policy_watcher: PolicyWatcher | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.rights = Rights(self)
+        self.exporter = Exporter(self)
         self.gate = Gate(self.catalog, self.policy, self.ledger, self.vault, self.ring, self.audit)
 
     def purpose_terms(self) -> list[PurposeTerms]:
@@ -135,9 +142,22 @@ class StoryVault(Operations):
             dsn=None if self.db.is_sqlite else self.settings.database_url
         )
         await self.policy_watcher.start()
+        if self.settings.retention_interval > 0:
+            self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("storyvault.started", database=self.db.dialect, fresh=fresh)
 
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.retention_interval)
+            try:
+                await self.rights.sweep()
+            except Exception as exc:  # noqa: BLE001  (a failed sweep is retried next round)
+                log.error("retention.sweep_failed", error=type(exc).__name__)  # noqa: TRY400  (no traceback: its frames may hold personal values)
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.policy_watcher is not None:
             await self.policy_watcher.stop()
             self.policy_watcher = None
@@ -391,6 +411,43 @@ class StoryVault(Operations):
             await self.teams.revoke_key(session, key_id)
             await session.commit()
         log.info("key.revoked", key_id=key_id)
+
+    # --- the customer's rights ------------------------------------------------------
+    async def rectify(
+        self, customer: CustomerPrincipal, changes: Mapping[str, object], request_id: str | None
+    ) -> str:
+        """Rectification (Art. 16): the customer corrects their own profile."""
+        clean = self.vault.validate_profile(changes, allow_null=True)
+        if not clean:
+            raise InvalidInput("no profile field to change", code="empty_change")
+        categories = sorted({self.catalog.profile_fields[k].category for k in clean})
+        async with self.db.write_session() as session, session.begin():
+            await self.vault.require_active(session, customer.customer_id)
+            req = await self.rights.open_request(
+                session,
+                customer.customer_id,
+                "rectification",
+                channel="portal",
+                scope=",".join(sorted(clean)),
+                actor="customer",
+                actor_key_id=None,
+                request_id=request_id,
+                status="in_progress",
+            )
+            await self.vault.update_profile(session, customer.customer_id, clean)
+            await self.audit_in(
+                session,
+                AuditEntry(
+                    kind=EntryKind.RECTIFICATION,
+                    actor="customer",
+                    subject=self.ring.pseudonym(customer.customer_id),
+                    categories=tuple(categories),
+                    request_id=request_id,
+                    detail={"request": req.id, "fields": ",".join(sorted(clean))},
+                ),
+            )
+            await self.rights._step(session, req, "completed", actor="customer")
+        return req.id
 
     # --- demo hooks (filled in by the policy and consent layers) --------------
     async def seed_demo_policy(self) -> None:

@@ -109,6 +109,8 @@ class Settings:
     """Requests per minute per API key or client address before 429."""
     insights_k: int = 10
     """Smallest group an aggregate insight may show."""
+    retention_interval: float = 3600.0
+    """Seconds between background retention sweeps (0 turns the background sweep off)."""
 
     @property
     def is_sqlite(self) -> bool:
@@ -181,4 +183,5 @@ def load_settings() -> Settings:
         session_ttl=_int("SESSION_TTL", 3600, low=60, high=86_400 * 30),
         rate_limit_per_minute=_int("RATE_LIMIT_PER_MINUTE", 6000, low=1, high=10_000_000),
         insights_k=_int("INSIGHTS_K", 10, low=2, high=1000),
+        retention_interval=_float("RETENTION_INTERVAL", 3600.0, low=0.0, high=86_400.0 * 7),
     )

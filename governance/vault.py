@@ -24,6 +24,7 @@ from governance.datakeys import DataKeys
 from governance.errors import InvalidInput, NotFound
 from governance.keys import KeyRing, open_value, seal_value, value_aad
 from governance.models import (
+    CATEGORY_STATES,
     CHAPTERS,
     CUSTOMERS,
     EMAIL_INDEX,
@@ -201,6 +202,19 @@ class Vault:
             await session.execute(insert(ProfileValueRow), value_rows)
         return customer_id
 
+    async def customer(self, session: AsyncSession, customer_id: str) -> CustomerRow | None:
+        return await session.get(CustomerRow, customer_id)
+
+    async def category_states(
+        self, session: AsyncSession, customer_id: str
+    ) -> dict[str, tuple[str, str | None]]:
+        rows = await session.execute(
+            select(
+                CATEGORY_STATES.category, CATEGORY_STATES.state, CATEGORY_STATES.hold_purpose
+            ).where(CATEGORY_STATES.customer_id == customer_id)
+        )
+        return {r.category: (r.state, r.hold_purpose) for r in rows}
+
     async def require_active(self, session: AsyncSession, customer_id: str) -> CustomerRow:
         row = await session.get(CustomerRow, customer_id)
         if row is None or row.status == "erased":
@@ -279,9 +293,11 @@ class Vault:
         categories: Iterable[str] | None = None,
         *,
         chapter_limit: int | None = None,
+        customer: CustomerRow | None = None,
     ) -> Story:
         """Decrypt the story's parts in ``categories`` (all when None)."""
-        customer = await self.require_active(session, customer_id)
+        if customer is None:
+            customer = await self.require_active(session, customer_id)
         wanted = None if categories is None else list(categories)
         story = Story(customer_id=customer_id, status=customer.status)
         if wanted is not None and not wanted:

@@ -92,12 +92,18 @@ def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settin
         demo_data=False,
         secure_cookies=False,
         sqlite_synchronous="NORMAL",
+        retention_interval=0,
     )
     return replace(base, **overrides)
 
 
 @pytest.fixture
-def settings(tmp_path: Path, database_url: str) -> Settings:
+def settings(tmp_path: Path, database_url: str, request: pytest.FixtureRequest) -> Settings:
+    if database_url.startswith("postgresql"):
+        # production shape: the key store in a database of its own
+        server: PgServer = request.getfixturevalue("pg")
+        keystore = server.create_database("k_" + uuid.uuid4().hex[:12])
+        return make_settings(tmp_path, database_url, keystore_url=keystore)
     return make_settings(tmp_path, database_url)
 
 

@@ -84,6 +84,9 @@ class AuditEntriesController(Controller):
 class TransparencyController(Controller):
     path = "/"
     tags = ["audit"]
+    # Public like the JWKS: a customer must be able to fetch the proof linked from
+    # their access log, and any outside verifier the tree head.
+    opt = {"exclude_from_auth": True}
 
     @get("/v1/audit/tree-head", operation_id="treeHead")
     async def tree_head(self, vault: VaultDep) -> dict[str, Any]:

@@ -29,3 +29,13 @@ def code_for(outbox: Path, email: str) -> str:
     match = re.search(r"\b(\d{6,8})\b", mine[-1]["body"])
     assert match
     return match.group(1)
+
+
+async def sign_in(client: object, outbox: Path, email: str) -> dict[str, str]:
+    """Sign a customer in through the real flow (login, code from the outbox, verify)."""
+    resp = await client.post("/v1/me/login", json={"email": email})  # type: ignore[attr-defined]
+    assert resp.status_code == 202
+    code = code_for(outbox, email)
+    resp = await client.post("/v1/me/verify", json={"email": email, "code": code})  # type: ignore[attr-defined]
+    assert resp.status_code == 200, resp.text
+    return {"Authorization": f"Bearer {resp.json()['token']}"}

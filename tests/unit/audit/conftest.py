@@ -1,15 +1,17 @@
 """Fixtures for the audit package's tests.
 
 Database tests take the ``audit_engine`` fixture: an AsyncEngine whose database has
-the audit tables and their append-only triggers, and nothing else. By default it is
-a SQLite file; set ``AUDIT_TEST_DATABASE_URL`` to run them on PostgreSQL. Another
-fixture only needs to yield an engine prepared with ``prepare_audit_schema`` (the
-helpers below use ``engine.dialect.name``).
+the audit tables and their append-only triggers, and nothing else. It is
+parametrized: a SQLite file, and a scratch database on the suite's real PostgreSQL
+(the session ``pg`` fixture; ``AUDIT_TEST_DATABASE_URL`` points it at another server
+instead). Another fixture only needs to yield an engine prepared with
+``prepare_audit_schema`` (the helpers below use ``engine.dialect.name``).
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +31,7 @@ from audit import (
     drop_append_only_ddl,
 )
 from audit._store import metadata
+from tests.pgserver import PgServer
 
 KEY_ID = "audit-test-key"
 BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
@@ -68,13 +71,24 @@ def make_entry(i: int, *, subject: str | None = None, team: str = "marketing") -
     )
 
 
-@pytest.fixture
-async def audit_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    # AUDIT_TEST_DATABASE_URL (e.g. postgresql+asyncpg://...) runs the same tests on a
-    # scratch database whose audit tables are dropped and recreated per test.
-    url = (
-        os.environ.get("AUDIT_TEST_DATABASE_URL") or f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
-    )
+@pytest.fixture(scope="session")
+def audit_pg_url(request: pytest.FixtureRequest) -> str:
+    """One scratch PostgreSQL database for the whole run (tables are recreated per test)."""
+    url = os.environ.get("AUDIT_TEST_DATABASE_URL")
+    if url:
+        return url
+    server: PgServer = request.getfixturevalue("pg")
+    return server.create_database("audit_unit_" + uuid.uuid4().hex[:8])
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def audit_engine(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+    else:
+        url = request.getfixturevalue("audit_pg_url")
     engine = create_async_engine(url)
     await prepare_audit_schema(engine)
     yield engine

@@ -1,16 +1,19 @@
 """Fixtures for the consent package: a SQLite file engine, a catalog, a clock.
 
-``consent_engine`` is the one fixture to parametrize onto PostgreSQL later: every
-test reaches the database only through it (and ``sessions`` built on it).
+``consent_engine`` is parametrized onto a SQLite file and a scratch database on the
+suite's real PostgreSQL (session ``pg`` fixture): every test reaches the database
+only through it (and ``sessions`` built on it).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -20,6 +23,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlmodel import SQLModel
 
 from consent import CONSENT_TABLES, Ledger, LegalBasis, PurposeTerms
+from tests.pgserver import PgServer
 
 
 def make_terms() -> list[PurposeTerms]:
@@ -72,12 +76,37 @@ async def create_consent_tables(engine: AsyncEngine) -> None:
         )
 
 
-@pytest.fixture
-async def consent_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    # A generous busy timeout: 50 concurrent appenders queue on SQLite's write lock.
-    engine = create_async_engine(
-        f"sqlite+aiosqlite:///{tmp_path / 'consent.db'}", connect_args={"timeout": 30}
-    )
+@pytest.fixture(scope="session")
+def consent_pg_url(request: pytest.FixtureRequest) -> str:
+    """One scratch PostgreSQL database for the whole run (tables are recreated per test)."""
+    server: PgServer = request.getfixturevalue("pg")
+    return server.create_database("consent_unit_" + uuid.uuid4().hex[:8])
+
+
+async def reset_consent_tables(engine: AsyncEngine) -> None:
+    """Drop what an earlier test left in a shared database (tables, triggers with them)."""
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS test_customers"))
+        await conn.run_sync(
+            lambda sync_conn: SQLModel.metadata.drop_all(sync_conn, tables=list(CONSENT_TABLES))
+        )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def consent_engine(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
+    if request.param == "sqlite":
+        # A generous busy timeout: 50 concurrent appenders queue on SQLite's write lock.
+        engine = create_async_engine(
+            f"sqlite+aiosqlite:///{tmp_path / 'consent.db'}", connect_args={"timeout": 30}
+        )
+    else:
+        # 50 concurrent appenders each hold a connection while they wait for the lock.
+        engine = create_async_engine(
+            request.getfixturevalue("consent_pg_url"), pool_size=10, max_overflow=50
+        )
+        await reset_consent_tables(engine)
     await create_consent_tables(engine)
     yield engine
     await engine.dispose()

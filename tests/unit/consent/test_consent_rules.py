@@ -326,19 +326,33 @@ async def test_joins_a_caller_transaction(ledger: Ledger, sessions: Sessions) ->
 
 
 async def test_write_lock_timeout_is_unavailable(
-    ledger: Ledger, consent_engine: Any, tmp_path: Any
+    ledger: Ledger, consent_engine: Any, tmp_path: Any, request: pytest.FixtureRequest
 ) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    if consent_engine.dialect.name != "sqlite":
-        pytest.skip("SQLite busy-timeout behaviour")
-    impatient = create_async_engine(
-        f"sqlite+aiosqlite:///{tmp_path / 'consent.db'}", connect_args={"timeout": 0.05}
-    )
+    from consent import CONSENT_LEDGER_LOCK_KEY
+
+    if consent_engine.dialect.name == "sqlite":
+        impatient = create_async_engine(
+            f"sqlite+aiosqlite:///{tmp_path / 'consent.db'}", connect_args={"timeout": 0.05}
+        )
+        take_lock = "UPDATE consent_state SET state = state WHERE 1 = 0"
+    else:  # PostgreSQL: the sequencing advisory lock is held, lock_timeout is short
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="consent._ledger._sequenced maps only OperationalError; asyncpg's "
+                "lock_not_available (55P03) arrives as a plain DBAPIError",
+            )
+        )
+        impatient = create_async_engine(
+            consent_engine.url, connect_args={"server_settings": {"lock_timeout": "50"}}
+        )
+        take_lock = f"SELECT pg_advisory_xact_lock({CONSENT_LEDGER_LOCK_KEY})"
     try:
         async with consent_engine.connect() as holder:
-            await holder.execute(text("UPDATE consent_state SET state = state WHERE 1 = 0"))
+            await holder.execute(text(take_lock))
             async with async_sessionmaker(impatient)() as s:
                 with pytest.raises(LedgerUnavailable) as caught:
                     await ledger.grant(s, SUBJECT, "marketing.email")
