@@ -51,6 +51,9 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
+            # Each pooled aiosqlite connection is a thread and a file handle: keep
+            # enough of them open that bursts do not churn through new ones.
+            kwargs.update(pool_size=pool_size * 2, max_overflow=pool_size)
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)

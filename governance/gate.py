@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
+from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from audit import AuditEntry, EntryKind, Withheld
-from consent import Ledger
+from consent import ConsentState, Ledger, evaluate
 from governance.catalog import Catalog
 from governance.errors import Forbidden, InvalidInput, NotFound
 from governance.keys import KeyRing
+from governance.models import CUSTOMERS, CustomerRow
 from governance.teams import Principal
 from governance.vault import Vault
 from policies import Action, DecisionTable, Mask, PolicyEngine, apply_mask
@@ -28,6 +31,13 @@ from policies import Action, DecisionTable, Mask, PolicyEngine, apply_mask
 __all__ = ["AuditSink", "Gate", "GateDecision", "StoryView"]
 
 log = structlog.get_logger("storyvault.gate")
+
+
+class _Lookup:
+    """Marker: the consent standing is not known yet; look it up."""
+
+
+_LOOKUP = _Lookup()
 
 
 class AuditSink(Protocol):
@@ -106,12 +116,18 @@ class Gate:
         purpose: str,
         action: Action = Action.READ,
         categories: Iterable[str] | None = None,
+        consent_state: ConsentState | _Lookup | None = _LOOKUP,
     ) -> GateDecision:
         """Policy table, then the purpose's legal basis for this customer (no caching of it:
         a withdrawal counts from the very next request, on every instance)."""
         table = self.policy_table(principal, purpose, action)
         decision = GateDecision(purpose=purpose, table=table)
-        decision.basis_reason = await self.ledger.check(session, subject, purpose)
+        if isinstance(consent_state, _Lookup):
+            decision.basis_reason = await self.ledger.check(session, subject, purpose)
+        else:
+            decision.basis_reason = evaluate(
+                consent_state, self.ledger.terms(purpose), self.ledger.now()
+            )
         for category in categories if categories is not None else self._all_categories:
             d = table.decide(category)
             if not d.allowed:
@@ -156,13 +172,28 @@ class Gate:
     ) -> StoryView:
         purpose = self.check_purpose(purpose)
         self.policy_table(principal, purpose, Action.READ)  # no rule: 403 before any lookup
-        customer = await self.vault.customer(session, customer_id)
+        # The customer and their consent standing for this purpose in one round trip.
+        row = (
+            await session.execute(
+                select(CustomerRow, ConsentState)
+                .outerjoin(
+                    ConsentState,
+                    and_(
+                        col(ConsentState.subject) == CUSTOMERS.subject,
+                        col(ConsentState.purpose) == purpose,
+                    ),
+                )
+                .where(CUSTOMERS.id == customer_id)
+            )
+        ).first()
+        customer = None if row is None else row[0]
         # An erased customer exists only for the purposes that hold some of their
         # data (invoices under the tax law's legal obligation); for others, 404.
         if customer is None or (customer.status == "erased" and purpose not in self._hold_purposes):
             raise NotFound("no such customer", code="customer_not_found")
         subject = self.ring.pseudonym(customer_id)
-        decision = await self.decide(session, principal, subject, purpose)
+        assert row is not None
+        decision = await self.decide(session, principal, subject, purpose, consent_state=row[1])
         if customer.restricted:
             await self._apply_category_states(session, customer_id, decision)
         story = await self.vault.read_story(

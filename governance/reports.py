@@ -595,47 +595,15 @@ class Reports:
             .group_by(e.kind, e.actor, e.purpose)
         )
         params = {"since": since, "until": until}
-        if self._dialect == "postgresql":
-            doc = "convert_from(e.leaf, 'UTF8')::jsonb"
-            categories_sql = (
-                "SELECT e.actor, e.purpose, c.value AS category, count(*) AS n "  # noqa: S608  (constant fragments, values are bound)
-                f"FROM audit_entries e, jsonb_array_elements_text({doc} -> 'categories') AS c "
-                "WHERE e.kind = 'disclosure' AND e.created_at >= :since AND e.created_at < :until "
-                "GROUP BY e.actor, e.purpose, c.value"
-            )
-            withheld_from = f"jsonb_array_elements({doc} -> 'withheld') AS w"
-            reason = "w.value ->> 'reason'"
-        else:
-            categories_sql = (
-                "SELECT e.actor, e.purpose, c.value AS category, count(*) AS n "
-                "FROM audit_entries e, json_each(CAST(e.leaf AS TEXT), '$.categories') AS c "
-                "WHERE e.kind = 'disclosure' AND e.created_at >= :since AND e.created_at < :until "
-                "GROUP BY e.actor, e.purpose, c.value"
-            )
-            withheld_from = "json_each(CAST(e.leaf AS TEXT), '$.withheld') AS w"
-            reason = "json_extract(w.value, '$.reason')"
-        withheld_sql = (
-            f"SELECT e.actor, e.purpose, {reason} AS reason, count(*) AS n "  # noqa: S608  (constant fragments)
-            f"FROM audit_entries e, {withheld_from} "
-            "WHERE e.kind IN ('disclosure', 'denial') "
-            "AND e.created_at >= :since AND e.created_at < :until "
-            f"GROUP BY e.actor, e.purpose, {reason}"
-        )
-        rank = " ".join(f"WHEN '{r}' THEN {i}" for i, r in enumerate(REASON_RANK))
-        denial_sql = (
-            "SELECT actor, purpose, top, count(*) AS n FROM ("  # noqa: S608  (constant fragments)
-            "SELECT e.leaf_index, e.actor, e.purpose, "
-            f"min(CASE {reason} {rank} ELSE 99 END) AS top "
-            f"FROM audit_entries e, {withheld_from} "
-            "WHERE e.kind = 'denial' AND e.created_at >= :since AND e.created_at < :until "
-            "GROUP BY e.leaf_index, e.actor, e.purpose) AS per_read "
-            "GROUP BY actor, purpose, top"
-        )
         async with self.sv.db.session() as session:
             read_rows = (await session.execute(reads_q)).all()
-            category_rows = (await session.execute(text(categories_sql), params)).all()
-            withheld_rows = (await session.execute(text(withheld_sql), params)).all()
-            denial_rows = (await session.execute(text(denial_sql), params)).all()
+            if self._dialect == "postgresql":
+                leaf_rows = await self._leaf_counts_pg(session, params)
+            else:
+                leaf_rows = await self._leaf_counts_sqlite(session, params)
+        category_rows = [r for r in leaf_rows if r[0] == "c"]
+        withheld_rows = [r for r in leaf_rows if r[0] == "w"]
+        denial_rows = [(a, p, int(k), n) for m, a, p, k, n in leaf_rows if m == "d"]
         reads_by: dict[tuple[str, str], dict[str, int]] = {}
         for row in read_rows:
             counts = reads_by.setdefault(
@@ -644,15 +612,13 @@ class Reports:
             counts["disclosures" if row.kind == "disclosure" else "denials"] += row.n
         denials_by_reason: dict[str, int] = {}
         denial_matrix: list[dict[str, Any]] = []
-        for row in sorted(denial_rows, key=lambda r: (r.actor, r.purpose or "", r.top)):
-            code = REASON_RANK[row.top] if 0 <= row.top < len(REASON_RANK) else "other"
-            denials_by_reason[code] = denials_by_reason.get(code, 0) + row.n
-            denial_matrix.append(
-                {"team": row.actor, "purpose": row.purpose, "reason": code, "denials": row.n}
-            )
+        for actor, purpose, top, n in sorted(denial_rows, key=lambda r: (r[0], r[1] or "", r[2])):
+            code = REASON_RANK[top] if 0 <= top < len(REASON_RANK) else "other"
+            denials_by_reason[code] = denials_by_reason.get(code, 0) + n
+            denial_matrix.append({"team": actor, "purpose": purpose, "reason": code, "denials": n})
         withheld_by_reason: dict[str, int] = {}
-        for row in withheld_rows:
-            withheld_by_reason[row.reason] = withheld_by_reason.get(row.reason, 0) + row.n
+        for _, _, _, reason, n in withheld_rows:
+            withheld_by_reason[reason] = withheld_by_reason.get(reason, 0) + n
         return {
             "reads": [
                 {"team": team, "purpose": purpose, **counts}
@@ -663,15 +629,15 @@ class Reports:
                 "denials": sum(c["denials"] for c in reads_by.values()),
             },
             "disclosures": [
-                {"team": r.actor, "purpose": r.purpose, "category": r.category, "count": r.n}
-                for r in sorted(category_rows, key=lambda r: (r.actor, r.purpose, r.category))
+                {"team": a, "purpose": p, "category": k, "count": n}
+                for _, a, p, k, n in sorted(category_rows, key=lambda r: (r[1], r[2] or "", r[3]))
             ],
             "denials_by_reason": dict(sorted(denials_by_reason.items())),
             "denials": denial_matrix,
             "withheld_by_reason": dict(sorted(withheld_by_reason.items())),
             "withheld": [
-                {"team": r.actor, "purpose": r.purpose, "reason": r.reason, "count": r.n}
-                for r in sorted(withheld_rows, key=lambda r: (r.actor, r.purpose, r.reason))
+                {"team": a, "purpose": p, "reason": k, "count": n}
+                for _, a, p, k, n in sorted(withheld_rows, key=lambda r: (r[1], r[2] or "", r[3]))
             ],
             "notes": (
                 "A disclosure is a gated read that released at least one category; a denial "
@@ -679,6 +645,62 @@ class Reports:
                 f"({' > '.join(REASON_RANK)}). Withheld counts are per category and read."
             ),
         }
+
+    # One pass over the leaves in the window yields three kinds of rows, as
+    # (measure, team, purpose, key, count): "c" disclosed category, "w" withheld
+    # reason (per category and read), "d" the rank of a denied read's top reason.
+    _RANK_SQL = " ".join(f"WHEN '{r}' THEN {i}" for i, r in enumerate(REASON_RANK))
+
+    async def _leaf_counts_pg(
+        self, session: Any, params: dict[str, Any]
+    ) -> list[tuple[str, str, str | None, str, int]]:
+        # OFFSET 0 keeps the parsed document a per-row value: each leaf is parsed once.
+        sql = (
+            "SELECT x.m, e.actor, e.purpose, x.k, count(*) AS n "  # noqa: S608  (constant fragments)
+            "FROM audit_entries e "
+            "CROSS JOIN LATERAL (SELECT convert_from(e.leaf, 'UTF8')::jsonb AS j OFFSET 0) d "
+            "CROSS JOIN LATERAL ("
+            "  SELECT 'c' AS m, c.value AS k FROM jsonb_array_elements_text("
+            "    CASE WHEN e.kind = 'disclosure' THEN d.j -> 'categories' ELSE '[]'::jsonb END"
+            "  ) AS c"
+            "  UNION ALL SELECT 'w', w.value ->> 'reason' "
+            "    FROM jsonb_array_elements(d.j -> 'withheld') AS w"
+            "  UNION ALL SELECT 'd', min(CASE w.value ->> 'reason' "
+            f"   {self._RANK_SQL} ELSE 99 END)::text "
+            "    FROM jsonb_array_elements(d.j -> 'withheld') AS w "
+            "    WHERE e.kind = 'denial' HAVING count(*) > 0"
+            ") x "
+            "WHERE e.kind IN ('disclosure', 'denial') "
+            "AND e.created_at >= :since AND e.created_at < :until "
+            "GROUP BY x.m, e.actor, e.purpose, x.k"
+        )
+        rows = (await session.execute(text(sql), params)).all()
+        return [(r.m, r.actor, r.purpose, r.k, int(r.n)) for r in rows]
+
+    async def _leaf_counts_sqlite(
+        self, session: Any, params: dict[str, Any]
+    ) -> list[tuple[str, str, str | None, str, int]]:
+        window = "e.created_at >= :since AND e.created_at < :until"
+        leaf = "CAST(e.leaf AS TEXT)"
+        reason = "json_extract(w.value, '$.reason')"
+        sql = (
+            "SELECT 'c' AS m, e.actor, e.purpose, c.value AS k, count(*) AS n "  # noqa: S608  (constant fragments)
+            f"FROM audit_entries e, json_each({leaf}, '$.categories') AS c "
+            f"WHERE e.kind = 'disclosure' AND {window} GROUP BY e.actor, e.purpose, c.value "
+            f"UNION ALL SELECT 'w', e.actor, e.purpose, {reason}, count(*) "
+            f"FROM audit_entries e, json_each({leaf}, '$.withheld') AS w "
+            f"WHERE e.kind IN ('disclosure', 'denial') AND {window} "
+            f"GROUP BY e.actor, e.purpose, {reason} "
+            "UNION ALL SELECT 'd', actor, purpose, CAST(top AS TEXT), count(*) FROM ("
+            "  SELECT e.leaf_index, e.actor, e.purpose, "
+            f"  min(CASE {reason} {self._RANK_SQL} ELSE 99 END) AS top "
+            f"  FROM audit_entries e, json_each({leaf}, '$.withheld') AS w "
+            f"  WHERE e.kind = 'denial' AND {window} "
+            "  GROUP BY e.leaf_index, e.actor, e.purpose) "
+            "GROUP BY actor, purpose, top"
+        )
+        rows = (await session.execute(text(sql), params)).all()
+        return [(r.m, r.actor, r.purpose, str(r.k), int(r.n)) for r in rows]
 
     # --- integrity ----------------------------------------------------------------
     async def _integrity(
