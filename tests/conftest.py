@@ -3,9 +3,11 @@ whole-run log capture that proves no personal value reaches the logs."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -75,12 +77,86 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+class _Templates:
+    """Migrated databases built once per session and copied for each test: a test
+    then starts from a ready schema (and, when it asks for ``org``, the demo
+    organisation) instead of running migrations and seeding itself."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[tuple[str, str], Any] = {}
+
+    def build(self, backend: str, kind: str, pg: PgServer | None) -> Any:
+        key = (backend, kind)
+        if key not in self.built:
+            self.built[key] = asyncio.run(self._build(backend, kind, pg))
+        return self.built[key]
+
+    async def _build(self, backend: str, kind: str, pg: PgServer | None) -> Any:
+        from governance.service import StoryVault
+
+        where = self.root / f"{backend}-{kind}"
+        where.mkdir(parents=True)
+        if backend == "sqlite":
+            url = f"sqlite+aiosqlite:///{where / 'storyvault.db'}"
+            keystore = ""
+        else:
+            assert pg is not None
+            url = pg.create_database(f"tmpl_{kind}")
+            keystore = pg.create_database(f"tmpl_{kind}_keys")
+        settings = make_settings(where, url, keystore_url=keystore)
+        vault = StoryVault(settings)
+        await vault.start()
+        headers: dict[str, dict[str, str]] = {
+            "compliance": {"Authorization": f"Bearer {ADMIN_KEY}"}
+        }
+        if kind == "org":
+            async with vault.db.write_session() as session:
+                for team in DEMO_TEAMS:
+                    await vault.teams.create_team(session, team, roles=[])
+                    issued = await vault.teams.issue_key(session, team, label="test")
+                    headers[team] = {"Authorization": f"Bearer {issued.secret}"}
+                await session.commit()
+            await vault.refresh_policy_catalog()
+            await vault.seed_demo_policy()
+        await vault.stop()
+        return {"dir": where, "url": url, "keystore": keystore, "headers": headers}
+
+
+_TEMPLATES: _Templates | None = None
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> _Templates:
+    global _TEMPLATES  # noqa: PLW0603  (one set per test session)
+    if _TEMPLATES is None:
+        _TEMPLATES = _Templates(tmp_path_factory.mktemp("templates"))
+    return _TEMPLATES
+
+
 @pytest.fixture
-def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+def database_url(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, templates: _Templates
+) -> str:
+    kind = "org" if "org" in request.fixturenames else "bare"
+    server: PgServer | None = request.getfixturevalue("pg") if backend == "postgresql" else None
+    tmpl = templates.build(backend, kind, server)
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(tmpl["dir"] / "data" / "keyring.json", data / "keyring.json")
+    request.node.stash[_ORG_KEY] = tmpl["headers"]
     if backend == "sqlite":
+        for name in ("storyvault.db", "storyvault-keys.db"):
+            shutil.copy2(tmpl["dir"] / name, tmp_path / name)
         return f"sqlite+aiosqlite:///{tmp_path / 'storyvault.db'}"
-    server: PgServer = request.getfixturevalue("pg")
-    return server.create_database("t_" + uuid.uuid4().hex[:12])
+    assert server is not None
+    name = "t_" + uuid.uuid4().hex[:12]
+    server.psql(f'CREATE DATABASE "{name}" TEMPLATE "tmpl_{kind}"')
+    server.psql(f'CREATE DATABASE "k{name}" TEMPLATE "tmpl_{kind}_keys"')
+    return server.url(name)
+
+
+_ORG_KEY = pytest.StashKey[dict[str, dict[str, str]]]()
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
@@ -98,12 +174,11 @@ def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settin
 
 
 @pytest.fixture
-def settings(tmp_path: Path, database_url: str, request: pytest.FixtureRequest) -> Settings:
+def settings(tmp_path: Path, database_url: str) -> Settings:
     if database_url.startswith("postgresql"):
         # production shape: the key store in a database of its own
-        server: PgServer = request.getfixturevalue("pg")
-        keystore = server.create_database("k_" + uuid.uuid4().hex[:12])
-        return make_settings(tmp_path, database_url, keystore_url=keystore)
+        base, name = database_url.rsplit("/", 1)
+        return make_settings(tmp_path, database_url, keystore_url=f"{base}/k{name}")
     return make_settings(tmp_path, database_url)
 
 
@@ -111,7 +186,8 @@ def settings(tmp_path: Path, database_url: str, request: pytest.FixtureRequest) 
 async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
     from api.app import create_app
 
-    app = create_app(settings)
+    # The database comes from a migrated template (see _Templates): no migration run.
+    app = create_app(settings, migrate=False)
     async with AsyncTestClient(app=app, raise_server_exceptions=False) as c:
         yield c
 
@@ -134,20 +210,12 @@ DEMO_TEAMS = ("sales", "marketing", "support", "product")
 
 @pytest.fixture
 async def org(
-    client: AsyncTestClient[Any], admin: dict[str, str], direct: Any
+    client: AsyncTestClient[Any], request: pytest.FixtureRequest
 ) -> dict[str, dict[str, str]]:
-    """The demo organisation: four teams with keys (over HTTP) and the starter policy
-    (stored directly, then picked up by the app's policy watcher, as on any instance).
+    """The demo organisation: four teams with keys and the starter policy, already in
+    the database the test starts from (built once per session, see _Templates).
     Returns auth headers per team (and 'compliance' for the admin key)."""
-    headers = {"compliance": admin}
-    for team in DEMO_TEAMS:
-        resp = await client.post("/v1/admin/teams", json={"name": team}, headers=admin)
-        assert resp.status_code == 201, resp.text
-        key = (await client.post(f"/v1/admin/teams/{team}/keys", json={}, headers=admin)).json()
-        headers[team] = {"Authorization": f"Bearer {key['key']}"}
-    await direct.seed_demo_policy()
-    await wait_for_policy(client, await direct.policy_store.current_version())
-    return headers
+    return dict(request.node.stash[_ORG_KEY])
 
 
 async def wait_for_policy(client: AsyncTestClient[Any], version: int, within: float = 5.0) -> None:
