@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -34,28 +36,44 @@ class _Tee(io.TextIOBase):
 
 def pytest_configure(config: pytest.Config) -> None:
     configure_logging(stream=_Tee())
+    if not hasattr(config, "workerinput"):
+        # With pytest-xdist each worker reports its logs here; the controller checks them.
+        os.environ.setdefault("STORYVAULT_TEST_LOGCHECK", tempfile.mkdtemp(prefix="sv-logcheck-"))
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Invariant 2: the logs of the whole run contain no stored personal value."""
     from governance.demo import demo_stories
 
+    shared = Path(os.environ.get("STORYVAULT_TEST_LOGCHECK", tempfile.gettempdir()))
+    worker = getattr(session.config, "workerinput", None)
+    if worker is not None:
+        (shared / f"{worker['workerid']}.json").write_text(
+            json.dumps({"log": _LOG.getvalue(), "values": sorted(PERSONAL_VALUES)})
+        )
+        return
     values = set(PERSONAL_VALUES)
+    text = _LOG.getvalue()
+    for part in shared.glob("*.json") if "STORYVAULT_TEST_LOGCHECK" in os.environ else []:
+        data = json.loads(part.read_text())
+        text += data["log"]
+        values.update(data["values"])
     for story in demo_stories():
         values.update(v for v in story["profile"].values())
         for ch in story["chapters"]:
             values.update(str(v) for v in ch["body"].values() if isinstance(v, str) and len(v) > 6)
-    text = _LOG.getvalue()
     leaked = sorted(v for v in values if len(v) >= 6 and v in text)
     if leaked:
         session.exitstatus = 1
         print(
-            f"\nPERSONAL DATA IN LOGS: {len(leaked)} stored values appear in the captured logs, e.g. "
-            f"{[re.sub(r'[A-Za-z0-9]', '*', v)[:20] for v in leaked[:3]]}"
+            f"\nPERSONAL DATA IN LOGS: {len(leaked)} stored values appear in the captured logs, "
+            f"e.g. {[re.sub(r'[A-Za-z0-9]', '*', v)[:20] for v in leaked[:3]]}"
         )
     elif text:
         print(
-            f"\nlog check: {len(text.splitlines())} log lines scanned for {len(values)} personal values: none found"
+            f"\nlog check: {len(text.splitlines())} log lines scanned for {len(values)} "
+            "personal values: none found"
         )
 
 
