@@ -28,9 +28,11 @@ from api.controllers.rights import (
     TeamRequestsController,
     export_schema_doc,
 )
-from api.middleware import RequestLogMiddleware
+from api.middleware import RequestLogMiddleware, security_headers
+from api.openapi import document_problems
 from api.portal import PortalController, portal_static_router, portal_template_config
 from api.problems import exception_handlers
+from api.ratelimit import FixedWindowLimiter, HeaderLimitMiddleware, RateLimitMiddleware
 from audit import AuditError
 from consent import ConsentError
 from governance.catalog import CatalogError
@@ -96,10 +98,15 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
         dependencies={"vault": Provide(provide_vault)},
         middleware=[
             RequestLogMiddleware,
+            HeaderLimitMiddleware,
             prometheus.middleware,
+            DefineMiddleware(
+                RateLimitMiddleware, limiter=FixedWindowLimiter(settings.rate_limit_per_minute)
+            ),
             DefineMiddleware(BearerAuthMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS]),
         ],
         exception_handlers=exception_handlers(domain_errors),
+        before_send=[security_headers],
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
             title="Story Vault",
@@ -117,5 +124,6 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Lit
         from api.controllers.bench import BenchController
 
         app.register(BenchController)
+    document_problems(app)
     app.state.vault = vault
     return app

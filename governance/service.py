@@ -22,13 +22,14 @@ from consent import LegalBasis as ConsentBasis
 from governance.catalog import Catalog, load_catalog
 from governance.datakeys import DataKeys, check_ring_fits
 from governance.db import Database
-from governance.errors import Forbidden, InvalidInput
+from governance.errors import Forbidden, InvalidInput, Unavailable
 from governance.export import Exporter
 from governance.gate import AuditSink, Gate, StoryView
 from governance.identity import CustomerPrincipal, Identity
 from governance.insights import InsightsOperations
 from governance.keys import KeyRing
 from governance.mail import Mailer
+from governance.metrics import MeasuredBatchLog, watch_key_cache
 from governance.models import AppMetaRow
 from governance.operations import Operations
 from governance.rights import Rights
@@ -67,6 +68,7 @@ class StoryVault(Operations, InsightsOperations):
             cache_size=settings.dek_cache_size,
             cache_ttl=settings.dek_cache_ttl,
         )
+        watch_key_cache(self.keys)
         self.vault = Vault(self.ring, self.catalog, self.keys)
         self.teams = Teams(self.ring)
         self.identity = Identity(
@@ -80,7 +82,9 @@ class StoryVault(Operations, InsightsOperations):
             signing.private, signing.kid, controller={"name": "Story Vault", "contact": "privacy"}
         )
         self.audit_log = TransparencyLog(self.db.engine, signing.private, signing.kid)
-        self.audit_writer = AuditWriter(self.audit_log, max_delay=settings.audit_batch_ms / 1000.0)
+        self.audit_writer = AuditWriter(
+            MeasuredBatchLog(self.audit_log), max_delay=settings.audit_batch_ms / 1000.0
+        )
         self.audit: AuditSink = self.audit_writer
         self.policy_store = PolicyStore(self.db.engine)
         self.policy = PolicyEngine(self.policy_store, self._policy_catalog(set()))
@@ -167,9 +171,35 @@ class StoryVault(Operations, InsightsOperations):
             await self.keystore.dispose()
 
     async def ready(self) -> dict[str, Any]:
-        async with self.db.session() as session:
-            await session.execute(select(1))
-        return {"database": "ok", "keys": "ok", "kek": self.ring.current_kek}
+        """Raise Unavailable naming the first unusable part: the database, the key store,
+        the key ring (the current KEK must wrap and unwrap) or the audit writer."""
+        try:
+            async with self.db.session() as session:
+                await session.execute(select(1))
+        except Exception as exc:
+            raise Unavailable("the database is unreachable", code="database_unavailable") from exc
+        try:
+            async with self.keystore.session() as session:
+                await session.execute(select(1))
+        except Exception as exc:
+            raise Unavailable("the key store is unreachable", code="keystore_unavailable") from exc
+        probe = b"\0" * 32
+        try:
+            version, wrapped = self.ring.wrap(probe, b"ready")
+            round_trip = self.ring.unwrap(version, wrapped, b"ready")
+        except Exception as exc:
+            raise Unavailable("the key ring is unusable", code="keyring_unavailable") from exc
+        if round_trip != probe:
+            raise Unavailable("the key ring is unusable", code="keyring_unavailable")
+        if not self.audit_writer.running:
+            raise Unavailable("the audit writer is not running", code="audit_unavailable")
+        return {
+            "database": "ok",
+            "keystore": "ok",
+            "keys": "ok",
+            "audit_writer": "ok",
+            "kek": self.ring.current_kek,
+        }
 
     # --- authorization -------------------------------------------------------
     @staticmethod
