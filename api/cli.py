@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -294,6 +295,106 @@ def report(
         f"audit index {result.audit_index}",
         err=True,
     )
+
+
+@main.command("backup")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="new directory for the story database backup and its manifest",
+)
+@click.option(
+    "--keystore-output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="also back up the key store, into this other directory (keep it briefly: "
+    "it is what lets erasure reach old backups)",
+)
+def backup_cmd(output: Path, keystore_output: Path | None) -> None:
+    """Back up the story database (SQLite online backup or pg_dump), consistently, while
+    the service runs."""
+    from governance.backups import BackupError, backup
+
+    settings = _settings()
+    try:
+        manifests = backup(settings, output, keystore_output=keystore_output)
+    except BackupError as exc:
+        click.echo(f"storyvault: {exc.message}", err=True)
+        sys.exit(1)
+    for m, where in zip(manifests, (output, keystore_output), strict=False):
+        click.echo(
+            f"{m.kind} backup ({m.backend}, {m.size} bytes, sha256 {m.sha256[:16]}...) "
+            f"taken at {m.started_at} in {where}"
+        )
+
+
+@main.command("restore")
+@click.option(
+    "--input",
+    "-i",
+    "source",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="a directory written by `storyvault backup --output`",
+)
+@click.option(
+    "--keystore-input",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="also restore the key store from a `--keystore-output` directory",
+)
+def restore_cmd(source: Path, keystore_input: Path | None) -> None:
+    """Restore a backup (instances stopped), then re-apply every erasure recorded since
+    it was taken: a restore never brings erased data back."""
+    from governance.backups import BackupError, restore
+
+    settings = _settings()
+    configure_logging()
+    try:
+        outcome = asyncio.run(restore(settings, source, keystore_source=keystore_input))
+    except BackupError as exc:
+        click.echo(f"storyvault: {exc.message}", err=True)
+        sys.exit(1)
+    except (KeyRingError, CatalogError) as exc:
+        click.echo(f"storyvault: {exc}", err=True)
+        sys.exit(2)
+    c = outcome.counts
+    click.echo(
+        f"restored the {outcome.story.backend} backup taken at {outcome.story.started_at}; "
+        f"erasures journalled since {outcome.since.isoformat()}: {c['journalled']}, "
+        f"re-applied: {c['reapplied']} ({c['keys_destroyed']} keys destroyed, "
+        f"{c['values_deleted']} values deleted); journal rows kept: {outcome.journal_kept}"
+    )
+
+
+@main.group("erasures")
+def erasures_group() -> None:
+    """The erasure journal."""
+
+
+@erasures_group.command("reapply")
+@click.option(
+    "--since",
+    type=click.DateTime(),
+    default=None,
+    help="only erasures journalled at or after this time (UTC; default: all)",
+)
+def erasures_reapply(since: Any) -> None:
+    """Re-apply journalled erasures (after a restore made by other means than
+    `storyvault restore`, e.g. point-in-time recovery). Idempotent."""
+    from datetime import UTC
+
+    settings = _settings()
+
+    async def work(vault: StoryVault) -> dict[str, int]:
+        await vault.start(migrate=True)
+        when = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
+        return await vault.rights.reapply_erasures(when)
+
+    counts = _with_vault(settings, work)
+    click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
 
 
 def run_cli(args: list[str]) -> Any:  # pragma: no cover - convenience for tests

@@ -14,7 +14,7 @@ import structlog
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestLogMiddleware", "request_id"]
+__all__ = ["RequestLogMiddleware", "request_id", "security_headers"]
 
 
 def request_id() -> str | None:
@@ -36,6 +36,36 @@ API_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
 ]
+
+
+async def security_headers(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: every response the app sends — including those Litestar
+    answers outside the route's middleware (401 from authentication, 404/405 from the
+    router) — carries the security headers; API responses also no-store and a CSP."""
+    if message["type"] != "http.response.start" or scope["type"] != ScopeType.HTTP:
+        return
+    headers: list[Any] = list(message.get("headers", []))
+    present = {bytes(h[0]).lower() for h in headers}
+    wanted = list(SECURITY_HEADERS)
+    path: str = scope["path"]
+    if path.startswith("/schema"):
+        wanted.append((b"content-security-policy", DOCS_CSP))
+    elif not path.startswith(("/portal", "/v1/reports")):
+        wanted += API_HEADERS
+    for name, value in wanted:
+        if name not in present:
+            headers.append((name, value))
+    message["headers"] = headers
+
+
+# The API docs page (Scalar) loads its script and stylesheet from jsDelivr and
+# injects styles at run time; it may fetch only this origin (the OpenAPI JSON).
+DOCS_CSP = (
+    b"default-src 'none'; script-src https://cdn.jsdelivr.net; "
+    b"style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+    b"font-src data: https://cdn.jsdelivr.net https://fonts.gstatic.com; "
+    b"img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
+)
 
 
 class RequestLogMiddleware:

@@ -6,6 +6,7 @@ Domain errors of every package carry ``code`` and ``kind``; this module maps
 
 from __future__ import annotations
 
+import errno
 import traceback
 from typing import Any
 
@@ -63,6 +64,7 @@ TITLES = {
     409: "Conflict",
     413: "Request body too large",
     422: "Unprocessable request",
+    431: "Request headers too large",
     429: "Too many requests",
     500: "Internal error",
     503: "Service unavailable",
@@ -108,6 +110,8 @@ def _domain(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[st
     retry = getattr(exc, "extra", {}).get("retry_after") if hasattr(exc, "extra") else None
     if retry is not None:
         headers = {"Retry-After": str(int(retry))}
+    elif status == 503:  # e.g. the audit writer could not make an entry durable
+        headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE)}
     detail = getattr(exc, "message", None) or str(exc)
     return problem(status, code, detail, extra=extra or None, headers=headers, request=request)
 
@@ -165,9 +169,76 @@ def _forbidden(
     return problem(403, "forbidden", str(exc.detail or "forbidden"), request=request)
 
 
+# Errors that say "the database (or the disk under it) is not usable right now", not
+# "this request is wrong": the server is down, restarting or unreachable, a pooled
+# connection died, the disk is full or read-only. They get 503 with Retry-After (the
+# transaction was rolled back, so nothing is half-written), never 500.
+_DB_UNAVAILABLE_ORIG = frozenset(
+    {
+        "CannotConnectNowError",
+        "ConnectionDoesNotExistError",
+        "ConnectionFailureError",
+        "AdminShutdownError",
+        "CrashShutdownError",
+        "OperatorInterventionError",
+        "PostgresConnectionError",
+        "TooManyConnectionsError",
+        "ConnectionRejectionError",
+    }
+)
+# SQLSTATE classes: connection exception, insufficient resources (disk full, too many
+# connections), operator intervention (shutdown, cannot connect now), system error (I/O).
+_UNAVAILABLE_SQLSTATE = frozenset({"08", "53", "57", "58"})
+_UNAVAILABLE_ERRNO = frozenset({errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT})
+RETRY_AFTER_UNAVAILABLE = 2
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) means the database cannot be used right now."""
+    from sqlalchemy import exc as sa_exc
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(
+            current, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError
+        ):
+            return True
+        if isinstance(current, sa_exc.DBAPIError) and (
+            current.connection_invalidated
+            or type(current.orig).__name__ in _DB_UNAVAILABLE_ORIG
+            or type(current.orig).__name__.endswith("InterfaceError")
+            or str(getattr(current.orig, "sqlstate", "") or "")[:2] in _UNAVAILABLE_SQLSTATE
+            or getattr(current.orig, "sqlstate", None) == "25006"  # read-only transaction
+        ):
+            return True
+        if isinstance(current, ConnectionError | TimeoutError):
+            return True  # ConnectionRefusedError, ConnectionResetError, ...
+        if isinstance(current, OSError) and (
+            current.errno in _UNAVAILABLE_ERRNO or "Connect call failed" in str(current)
+        ):
+            return True  # disk full or read-only, I/O error; asyncio's "Multiple exceptions"
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     if hasattr(exc, "code") and hasattr(exc, "kind"):
         return _domain(request, exc)
+    if database_unavailable(exc):
+        log.warning(
+            "request.unavailable",
+            error=type(exc).__name__,
+            route=request.scope.get("path_template"),
+        )
+        return problem(
+            503,
+            "unavailable",
+            "the database is unavailable; nothing was changed or disclosed, retry later",
+            headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE)},
+            request=request,
+        )
     # The message of an unexpected error may carry anything; log its type only.
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
     log.error(

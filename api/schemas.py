@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import msgspec
 
 __all__ = [
+    "MAX_INT64",
+    "NO_NUL",
     "ChapterCreate",
     "Created",
     "CustomerCreate",
@@ -23,6 +25,12 @@ __all__ = [
 ]
 
 ShortText = Annotated[str, msgspec.Meta(max_length=1000)]
+# Indexes, cursors and sizes are stored as 64-bit integers: a larger one is a 400,
+# not a database overflow (found by schemathesis: GET /v1/audit/entries/<2**94> was a 500).
+MAX_INT64 = 2**63 - 1
+# Text stored in plaintext columns may not hold NUL: PostgreSQL text cannot, so it
+# would be a 500 there (found by tests/integration/test_security.py).
+NO_NUL = "^[^\x00]*$"
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
 
 
@@ -32,7 +40,9 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class CustomerCreate(Strict):
     profile: dict[Annotated[str, msgspec.Meta(max_length=40)], ShortText]
-    external_ref: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    external_ref: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)] | None
+    ) = None
 
 
 class Created(msgspec.Struct):
@@ -57,7 +67,7 @@ class ChapterCreate(Strict):
 class TeamCreate(Strict):
     name: Annotated[str, msgspec.Meta(min_length=2, max_length=64)]
     roles: list[Annotated[str, msgspec.Meta(max_length=40)]] = msgspec.field(default_factory=list)
-    description: Annotated[str, msgspec.Meta(max_length=500)] = ""
+    description: Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)] = ""
 
 
 class TeamRead(msgspec.Struct):
@@ -68,7 +78,7 @@ class TeamRead(msgspec.Struct):
 
 
 class KeyCreate(Strict):
-    label: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    label: Annotated[str, msgspec.Meta(max_length=200, pattern=NO_NUL)] = ""
 
 
 class KeyIssued(msgspec.Struct):

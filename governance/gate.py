@@ -23,6 +23,7 @@ from consent import ConsentState, Ledger, evaluate
 from governance.catalog import Catalog
 from governance.errors import Forbidden, InvalidInput, NotFound
 from governance.keys import KeyRing
+from governance.metrics import count_decisions, count_withheld
 from governance.models import CUSTOMERS, CustomerRow
 from governance.teams import Principal
 from governance.vault import Vault
@@ -171,7 +172,11 @@ class Gate:
         request_id: str | None,
     ) -> StoryView:
         purpose = self.check_purpose(purpose)
-        self.policy_table(principal, purpose, Action.READ)  # no rule: 403 before any lookup
+        try:
+            self.policy_table(principal, purpose, Action.READ)  # no rule: 403 before any lookup
+        except Forbidden:
+            count_withheld("read", [(c, "no_policy") for c in self._all_categories])
+            raise
         # The customer and their consent standing for this purpose in one round trip.
         row = (
             await session.execute(
@@ -237,6 +242,8 @@ class Gate:
                 detail={"operation": "story.read"},
             )
         )
+        count_decisions("read", "disclosed", len(decision.granted))
+        count_withheld("read", decision.withheld)
         log.info(
             "gate.read",
             team=principal.team,
@@ -267,10 +274,15 @@ class Gate:
         """Every category written must be allowed by a write rule (and, for an existing
         customer, by the purpose's legal basis); otherwise 403 with the reason."""
         purpose = self.check_purpose(purpose)
-        table = self.policy_table(principal, purpose, Action.WRITE)
+        try:
+            table = self.policy_table(principal, purpose, Action.WRITE)
+        except Forbidden:
+            count_withheld("write", [(c, "no_policy") for c in set(categories)])
+            raise
         for category in sorted(set(categories)):
             d = table.decide(category)
             if not d.allowed:
+                count_withheld("write", [(category, d.reason or "no_policy")])
                 log.info(
                     "gate.write_denied",
                     team=principal.team,
@@ -286,9 +298,11 @@ class Gate:
         if subject is not None and session is not None:
             reason = await self.ledger.check(session, subject, purpose)
             if reason is not None:
+                count_withheld("write", [(c, str(reason)) for c in set(categories)])
                 raise Forbidden(
                     f"the legal basis of '{purpose}' is not met for this customer",
                     code=reason,
                     reason=reason,
                 )
+        count_decisions("write", "allowed", len(set(categories)))
         return table

@@ -240,3 +240,24 @@ class RightsRequestRow(SQLModel, table=True):
 
 CATEGORY_STATES = columns(CategoryStateRow)
 RIGHTS_REQUESTS = columns(RightsRequestRow)
+
+
+class ErasureJournalRow(SQLModel, table=True):
+    """One erasure, recorded in the *key store* (never restored with the story database):
+    after a restore, every erasure the backup predates is applied again
+    (governance.backups, Rights.reapply_erasures). Ids and categories only."""
+
+    __tablename__ = "erasure_journal"
+
+    id: str = Field(primary_key=True, max_length=36)  # the rights request id
+    customer_id: str = Field(max_length=36, index=True)
+    categories: str = Field(max_length=4000)  # JSON list of the erased categories
+    held: str = Field(default="[]", max_length=4000)  # JSON list of {category, legal_ground, until}
+    full: bool = Field(default=False)
+    channel: str = Field(max_length=20)
+    request_id: str | None = Field(default=None, max_length=64)  # the HTTP request id
+    erased_at: datetime = Field(sa_column=_ts(index=True))
+
+
+ERASURE_JOURNAL = columns(ErasureJournalRow)
+__all__ += ["ERASURE_JOURNAL", "ErasureJournalRow"]

@@ -24,6 +24,7 @@ from consent import (
 )
 from governance.errors import Forbidden, InvalidInput, NotFound
 from governance.identity import CustomerPrincipal
+from governance.metrics import CONSENT_EVENTS
 from governance.models import CUSTOMERS
 from governance.teams import Principal
 from policies import Action, Explanation, Rule, RuleSpec
@@ -257,6 +258,7 @@ class Operations:
                 ),
             )
             state = await self.ledger.state(session, subject, purpose)
+        CONSENT_EVENTS.labels(event_type=str(event.event_type)).inc()
         receipt = self.receipts.issue(event, terms, audit_leaf_index=audit_index)
         log.info(
             "consent.recorded",
@@ -358,6 +360,8 @@ class Operations:
                         },
                     ),
                 )
+        for event in events:
+            CONSENT_EVENTS.labels(event_type=str(event.event_type)).inc()
         if events:
             log.info("consent.gpc", subject=subject, purposes=[e.purpose for e in events])
         return len(events)

@@ -29,13 +29,17 @@ from governance.models import (
     CATEGORY_STATES,
     CHAPTERS,
     CUSTOMERS,
+    DATA_KEYS,
     EMAIL_INDEX,
+    ERASURE_JOURNAL,
     PROFILE_VALUES,
     RIGHTS_REQUESTS,
     CategoryStateRow,
     ChapterRow,
     CustomerRow,
+    DataKeyRow,
     EmailIndexRow,
+    ErasureJournalRow,
     ProfileValueRow,
     RightsRequestRow,
 )
@@ -265,6 +269,19 @@ class Rights:
                     {"category": category, "legal_ground": hold.purpose, "until": until.isoformat()}
                 )
             erased.sort()
+            # The erasure journal before anything is destroyed: it lives in the key
+            # store, which a restore of the story database leaves alone, and a restore
+            # re-applies every erasure in it (reapply_erasures), so none is undone.
+            await self.journal_erasure(
+                req.id,
+                customer_id,
+                erased,
+                held,
+                full=full,
+                channel=channel,
+                request_id=request_id,
+                at=now,
+            )
             # Crypto-shred first: once the keys are gone nothing of the scope is
             # readable anywhere, whatever happens to the rest of this transaction.
             destroyed = await sv.keys.destroy(customer_id, erased)
@@ -413,6 +430,248 @@ class Rights:
         payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
         header = {"alg": "EdDSA", "kid": signing.kid, "typ": "erasure-certificate+jwt"}
         return jws.serialize_compact(header, payload, key, algorithms=["EdDSA"])
+
+    # --- the erasure journal and restores ----------------------------------------
+    async def journal_erasure(
+        self,
+        request: str,
+        customer_id: str,
+        erased: list[str],
+        held: list[dict[str, Any]],
+        *,
+        full: bool,
+        channel: str,
+        request_id: str | None,
+        at: datetime,
+    ) -> None:
+        """Record an erasure in the key store's append-only journal (its own transaction:
+        it must outlive a rollback of the story transaction as the destroyed keys do)."""
+        async with self.sv.keystore.write_session() as ks:
+            ks.add(
+                ErasureJournalRow(
+                    id=request,
+                    customer_id=customer_id,
+                    categories=json.dumps(erased),
+                    held=json.dumps(held),
+                    full=full,
+                    channel=channel[:20],
+                    request_id=(request_id or None) and request_id[:64],
+                    erased_at=at,
+                )
+            )
+            await ks.commit()
+
+    async def erasure_journal(self, since: datetime | None = None) -> list[ErasureJournalRow]:
+        stmt = select(ErasureJournalRow).order_by(ERASURE_JOURNAL.erased_at, ERASURE_JOURNAL.id)
+        if since is not None:
+            stmt = stmt.where(ERASURE_JOURNAL.erased_at >= since)
+        async with self.sv.keystore.session() as ks:
+            return list((await ks.execute(stmt)).scalars())
+
+    async def reapply_erasures(self, since: datetime | None = None) -> dict[str, int]:
+        """Apply again every journalled erasure recorded at or after ``since`` (all when
+        None), after a restore: keys destroyed (again), ciphertexts and blind-index rows
+        deleted, category states and the customer marked erased, consents withdrawn,
+        the request re-registered. Idempotent: an erasure the database already shows
+        changes nothing and is not audited again."""
+        counts = {"journalled": 0, "reapplied": 0, "keys_destroyed": 0, "values_deleted": 0}
+        for entry in await self.erasure_journal(since):
+            counts["journalled"] += 1
+            keys, values, changed = await self._reapply(entry)
+            counts["keys_destroyed"] += keys
+            counts["values_deleted"] += values
+            counts["reapplied"] += int(changed)
+        log.info("erasure.reapplied", **counts)
+        return counts
+
+    async def _reapply_keys(
+        self, cid: str, erased: list[str], at: datetime
+    ) -> tuple[list[str], set[str]]:
+        """Destroy the keys of the erased scopes that existed at the erasure (a key
+        created later, after a partial erasure, belongs to data given since); return
+        them and the ids of the scopes' keys still live."""
+        sv = self.sv
+        now = datetime.now(UTC)
+        # 1. the key store: keys of the erased scopes that existed at the erasure (a key
+        # created later, after a partial erasure, belongs to data given since).
+        async with sv.keystore.write_session() as ks:
+            ids = list(
+                (
+                    await ks.execute(
+                        select(DATA_KEYS.id).where(
+                            DATA_KEYS.customer_id == cid,
+                            DATA_KEYS.scope.in_(erased),
+                            DATA_KEYS.destroyed_at.is_(None),
+                            DATA_KEYS.created_at <= at,
+                        )
+                    )
+                ).scalars()
+            )
+            if ids:
+                await ks.execute(
+                    update(DataKeyRow)
+                    .where(DATA_KEYS.id.in_(ids))
+                    .values(wrapped=None, destroyed_at=now)
+                )
+            await ks.commit()
+            live = set(
+                (
+                    await ks.execute(
+                        select(DATA_KEYS.id).where(
+                            DATA_KEYS.customer_id == cid,
+                            DATA_KEYS.scope.in_(erased),
+                            DATA_KEYS.destroyed_at.is_(None),
+                        )
+                    )
+                ).scalars()
+            )
+        sv.keys.forget(ids)
+        return ids, live
+
+    async def _reapply(self, entry: ErasureJournalRow) -> tuple[int, int, bool]:
+        sv = self.sv
+        cid = entry.customer_id
+        erased: list[str] = json.loads(entry.categories)
+        held: list[dict[str, Any]] = json.loads(entry.held)
+        at = _aware(entry.erased_at)
+        now = datetime.now(UTC)
+        ids, live = await self._reapply_keys(cid, erased, at)
+        # 2. the story database: every ciphertext of the erased categories whose key is
+        # gone, the blind index, the states, the customer, consents and the register.
+        subject = sv.ring.pseudonym(cid)
+        async with sv.db.write_session() as session, session.begin():
+            deleted = 0
+            for table, cols in ((ProfileValueRow, PROFILE_VALUES), (ChapterRow, CHAPTERS)):
+                result = await session.execute(
+                    delete(table).where(
+                        cols.customer_id == cid,
+                        cols.category.in_(erased),
+                        cols.dek_id.notin_(sorted(live)),
+                    )
+                )
+                deleted += int(getattr(result, "rowcount", 0) or 0)
+            if "contact.email" in erased:
+                left = (
+                    await session.execute(
+                        select(func.count()).where(
+                            PROFILE_VALUES.customer_id == cid,
+                            PROFILE_VALUES.category == "contact.email",
+                        )
+                    )
+                ).scalar_one()
+                if not left:
+                    result = await session.execute(
+                        delete(EmailIndexRow).where(EMAIL_INDEX.customer_id == cid)
+                    )
+                    deleted += int(getattr(result, "rowcount", 0) or 0)
+            customer = await session.get(CustomerRow, cid)
+            changed = bool(ids or deleted)
+            if customer is not None:
+                states = await sv.vault.category_states(session, cid)
+                wanted: list[tuple[str, str, str | None, datetime | None]] = [
+                    (c, "erased", None, None) for c in erased
+                ]
+                wanted += [
+                    (
+                        h["category"],
+                        "held",
+                        h["legal_ground"],
+                        datetime.fromisoformat(h["until"]),
+                    )
+                    for h in held
+                ]
+                for category, state, purpose, until in wanted:
+                    current = states.get(category)
+                    if current is not None and (current[0] == state or current[0] == "erased"):
+                        continue
+                    await session.execute(
+                        delete(CategoryStateRow).where(
+                            CATEGORY_STATES.customer_id == cid,
+                            CATEGORY_STATES.category == category,
+                        )
+                    )
+                    session.add(
+                        CategoryStateRow(
+                            customer_id=cid,
+                            category=category,
+                            state=state,
+                            hold_purpose=purpose,
+                            hold_until=until,
+                            since=at,
+                        )
+                    )
+                    changed = True
+                values: dict[str, Any] = {}
+                if not customer.restricted:
+                    values["restricted"] = True
+                if entry.full and customer.status != "erased":
+                    values.update(status="erased", erased_at=at, external_ref=None)
+                    for purpose, st in (await sv.ledger.states(session, subject)).items():
+                        if st.state != "granted":
+                            continue
+                        event = await sv.ledger.record(
+                            session,
+                            subject,
+                            purpose,
+                            granted=False,
+                            channel=Channel.API,
+                            actor="system",
+                            evidence="erasure re-applied after a restore",
+                        )
+                        await sv.audit_in(
+                            session,
+                            AuditEntry(
+                                kind=EntryKind.CONSENT,
+                                actor="system",
+                                subject=subject,
+                                purpose=purpose,
+                                consent_index=event.ledger_index,
+                                detail={"event": str(event.event_type), "reason": "erasure"},
+                            ),
+                        )
+                if values:
+                    values["updated_at"] = now
+                    await session.execute(
+                        update(CustomerRow).where(CUSTOMERS.id == cid).values(**values)
+                    )
+                    changed = True
+                if await session.get(RightsRequestRow, entry.id) is None:
+                    session.add(
+                        RightsRequestRow(
+                            id=entry.id,
+                            customer_id=cid,
+                            subject=subject,
+                            type="erasure",
+                            status="completed",
+                            channel=entry.channel,
+                            received_at=at,
+                            due_at=due_date(at),
+                            completed_at=at,
+                            scope=json.dumps(erased)[:2000],
+                            catalog_digest=sv.catalog.digest,
+                            policy_version=sv.policy.version,
+                        )
+                    )
+                    changed = True
+            if changed:
+                await sv.audit_in(
+                    session,
+                    AuditEntry(
+                        kind=EntryKind.ERASURE,
+                        actor="system",
+                        subject=subject,
+                        categories=tuple(erased),
+                        request_id=entry.request_id,
+                        detail={
+                            "operation": "erasure.reapplied",
+                            "request": entry.id,
+                            "full": entry.full,
+                            "keys_destroyed": len(ids),
+                            "values_deleted": deleted,
+                        },
+                    ),
+                )
+        return len(ids), deleted, changed
 
     # --- retention ----------------------------------------------------------------
     async def sweep(self, now: datetime | None = None) -> dict[str, int]:

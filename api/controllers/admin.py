@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from litestar import Controller, delete, get, post
@@ -10,6 +11,11 @@ from litestar.params import JSONBody, Parameter
 from api.auth import require_admin
 from api.deps import VaultDep
 from api.schemas import KeyCreate, KeyIssued, TeamCreate, TeamRead
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; the API's times are RFC 3339 UTC (found by schemathesis)."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class TeamsController(Controller):
@@ -26,7 +32,7 @@ class TeamsController(Controller):
                 name=r.name,
                 roles=[x for x in r.roles.split(",") if x],
                 description=r.description,
-                created_at=r.created_at,
+                created_at=_utc(r.created_at),
             )
             for r in rows
         ]
@@ -38,7 +44,7 @@ class TeamsController(Controller):
             name=row.name,
             roles=[x for x in row.roles.split(",") if x],
             description=row.description,
-            created_at=row.created_at,
+            created_at=_utc(row.created_at),
         )
 
     @post("/teams/{team:str}/keys", operation_id="issueKey", status_code=201)
@@ -50,7 +56,7 @@ class TeamsController(Controller):
     ) -> KeyIssued:
         issued = await vault.issue_key(team, label=data.label if data else "")
         return KeyIssued(
-            id=issued.id, team=issued.team, key=issued.secret, created_at=issued.created_at
+            id=issued.id, team=issued.team, key=issued.secret, created_at=_utc(issued.created_at)
         )
 
     @delete("/keys/{key_id:str}", operation_id="revokeKey", status_code=204)

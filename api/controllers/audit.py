@@ -12,6 +12,7 @@ from litestar.params import Parameter
 
 from api.auth import require_admin
 from api.deps import VaultDep
+from api.schemas import MAX_INT64
 from audit import StoredEntry
 from consent import jwks as build_jwks
 from governance.errors import InvalidInput
@@ -55,7 +56,7 @@ class AuditEntriesController(Controller):
         purpose: Annotated[str | None, Parameter(max_length=120)] = None,
         since: datetime | None = None,
         until: datetime | None = None,
-        cursor: Annotated[int | None, Parameter(ge=0)] = None,
+        cursor: Annotated[int | None, Parameter(ge=0, le=MAX_INT64)] = None,
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         subject = None
@@ -76,7 +77,7 @@ class AuditEntriesController(Controller):
 
     @get("/{index:int}", operation_id="getAuditEntry")
     async def get_entry(
-        self, vault: VaultDep, index: Annotated[int, Parameter(ge=0)]
+        self, vault: VaultDep, index: Annotated[int, Parameter(ge=0, le=MAX_INT64)]
     ) -> dict[str, Any]:
         return entry_json(await vault.audit_log.get_entry(index), with_leaf=True)
 
@@ -114,8 +115,8 @@ class TransparencyController(Controller):
     async def inclusion(
         self,
         vault: VaultDep,
-        leaf_index: Annotated[int, Parameter(ge=0)],
-        tree_size: Annotated[int | None, Parameter(ge=1)] = None,
+        leaf_index: Annotated[int, Parameter(ge=0, le=MAX_INT64)],
+        tree_size: Annotated[int | None, Parameter(ge=1, le=MAX_INT64)] = None,
     ) -> dict[str, Any]:
         proof = await vault.audit_log.inclusion_proof(leaf_index, tree_size)
         return {
@@ -129,8 +130,8 @@ class TransparencyController(Controller):
     async def consistency(
         self,
         vault: VaultDep,
-        first: Annotated[int, Parameter(ge=1)],
-        second: Annotated[int | None, Parameter(ge=1)] = None,
+        first: Annotated[int, Parameter(ge=1, le=MAX_INT64)],
+        second: Annotated[int | None, Parameter(ge=1, le=MAX_INT64)] = None,
     ) -> dict[str, Any]:
         if second is not None and first > second:
             raise InvalidInput("first must not exceed second", code="invalid_proof_request")

@@ -13,7 +13,7 @@ from litestar.params import Body, JSONBody, Parameter
 from api.auth import require_team
 from api.deps import VaultDep
 from api.middleware import request_id
-from api.schemas import ChapterCreate, Created, CustomerCreate, CustomerList, IdItem
+from api.schemas import NO_NUL, ChapterCreate, Created, CustomerCreate, CustomerList, IdItem
 from governance.errors import InvalidInput
 from governance.teams import Principal
 
@@ -128,7 +128,7 @@ class ConsentImport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     purpose: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
     granted: bool
     channel: Annotated[str, msgspec.Meta(max_length=20)] = "import"
-    evidence: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+    evidence: Annotated[str, msgspec.Meta(min_length=1, max_length=2000, pattern=NO_NUL)]
 
 
 class AudiencePage(msgspec.Struct):

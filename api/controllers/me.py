@@ -13,6 +13,7 @@ from api.auth import require_customer
 from api.controllers.customers import consent_json, receipt_json
 from api.deps import VaultDep
 from api.middleware import request_id
+from api.schemas import MAX_INT64
 from governance.identity import CustomerPrincipal
 
 
@@ -105,7 +106,7 @@ class MeController(Controller):
         self,
         request: Request[CustomerPrincipal, Any, Any],
         vault: VaultDep,
-        cursor: Annotated[int | None, Parameter(ge=0)] = None,
+        cursor: Annotated[int | None, Parameter(ge=0, le=MAX_INT64)] = None,
         limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
     ) -> dict[str, Any]:
         page = await vault.access_log(request.user.customer_id, cursor=cursor, limit=limit)

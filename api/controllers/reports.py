@@ -11,6 +11,7 @@ from litestar.params import Parameter
 from api.auth import require_admin
 from api.deps import VaultDep
 from api.middleware import request_id
+from api.schemas import MAX_INT64
 from governance.reports import FORMATS, REPORTS, Reports
 from governance.teams import Principal
 
@@ -43,7 +44,7 @@ class ReportsController(Controller):
         format: Annotated[str, Parameter(max_length=10)] = "json",
         since: datetime | None = None,
         until: datetime | None = None,
-        from_size: Annotated[int | None, Parameter(ge=1)] = None,
+        from_size: Annotated[int | None, Parameter(ge=1, le=MAX_INT64)] = None,
         from_root: Annotated[
             str | None, Parameter(min_length=64, max_length=64, pattern="^[0-9a-fA-F]{64}$")
         ] = None,

@@ -16,6 +16,7 @@ from api.auth import require_admin, require_customer, require_team
 from api.controllers.customers import CustomerId, parse_customer_id
 from api.deps import VaultDep
 from api.middleware import request_id
+from api.schemas import NO_NUL
 from governance.export import export_schema
 from governance.identity import CustomerPrincipal
 from governance.models import RightsRequestRow
@@ -32,7 +33,7 @@ class RequestOpen(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Extension(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500, pattern=NO_NUL)]
     days: Annotated[int, msgspec.Meta(ge=1, le=60)] = 60
 
 

@@ -1,0 +1,120 @@
+"""Prometheus metrics of the core (request metrics come from the HTTP edge).
+
+Served at ``/metrics`` from prometheus_client's default registry. Labels carry
+reason codes, event types and operation names only — never an id or a value.
+
+- ``storyvault_decisions_total{action, reason}``: one per category decided by the
+  gate; ``reason`` is ``disclosed`` (read) / ``allowed`` (write) or the reason code
+  of the withholding (``no_policy``, ``no_consent``, ``erased``, …).
+- ``storyvault_audit_batch_size`` / ``storyvault_audit_batch_seconds``: entries per
+  group commit and the commit's latency; ``storyvault_audit_batch_failures_total``.
+- ``storyvault_consent_events_total{event_type}``: consent ledger events recorded.
+- ``storyvault_key_cache_hits_total`` / ``storyvault_key_cache_misses_total``: the
+  unwrapped data-key cache of every live StoryVault in the process.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from audit import AppendResult, AuditEntry, BatchLog, EncodedEntry
+
+if TYPE_CHECKING:
+    from governance.datakeys import DataKeys
+
+__all__ = [
+    "AUDIT_BATCH_FAILURES",
+    "AUDIT_BATCH_SECONDS",
+    "AUDIT_BATCH_SIZE",
+    "CONSENT_EVENTS",
+    "DECISIONS",
+    "MeasuredBatchLog",
+    "count_decisions",
+    "watch_key_cache",
+]
+
+DECISIONS = Counter(
+    "storyvault_decisions_total",
+    "Gate decisions per category: disclosed/allowed, or the reason code it was withheld for",
+    ["action", "reason"],
+)
+AUDIT_BATCH_SIZE = Histogram(
+    "storyvault_audit_batch_size",
+    "Audit entries per group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+AUDIT_BATCH_SECONDS = Histogram(
+    "storyvault_audit_batch_seconds",
+    "Latency of one audit group commit (append, tree update, signed head, commit)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+AUDIT_BATCH_FAILURES = Counter(
+    "storyvault_audit_batch_failures_total", "Audit group commits that failed (fail closed)"
+)
+CONSENT_EVENTS = Counter(
+    "storyvault_consent_events_total", "Consent ledger events recorded", ["event_type"]
+)
+
+
+def count_decisions(action: str, outcome: str, count: int = 1) -> None:
+    if count > 0:
+        DECISIONS.labels(action=action, reason=outcome).inc(count)
+
+
+def count_withheld(action: str, withheld: Iterable[tuple[str, str]]) -> None:
+    for _, reason in withheld:
+        DECISIONS.labels(action=action, reason=reason).inc()
+
+
+class MeasuredBatchLog:
+    """The audit writer's log, measured: batch size and commit latency per append."""
+
+    def __init__(self, log: BatchLog) -> None:
+        self._log = log
+
+    async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
+        start = time.perf_counter()
+        try:
+            result = await self._log.append(batch)
+        except BaseException:
+            AUDIT_BATCH_FAILURES.inc()
+            raise
+        AUDIT_BATCH_SECONDS.observe(time.perf_counter() - start)
+        AUDIT_BATCH_SIZE.observe(len(batch))
+        return result
+
+
+class _KeyCacheCollector(Collector):
+    """Reads the hit/miss counts of every live data-key cache when scraped."""
+
+    def __init__(self) -> None:
+        self.caches: weakref.WeakSet[DataKeys] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        caches = list(self.caches)
+        hits = CounterMetricFamily(
+            "storyvault_key_cache_hits", "Data-key lookups served from the in-memory cache"
+        )
+        hits.add_metric([], float(sum(c.hits for c in caches)))
+        misses = CounterMetricFamily(
+            "storyvault_key_cache_misses", "Data-key lookups that had to unwrap from the key store"
+        )
+        misses.add_metric([], float(sum(c.misses for c in caches)))
+        yield hits
+        yield misses
+
+
+_KEY_CACHE = _KeyCacheCollector()
+REGISTRY.register(_KEY_CACHE)
+
+
+def watch_key_cache(keys: DataKeys) -> None:
+    """Include ``keys``' cache counts in ``/metrics`` for as long as it lives."""
+    _KEY_CACHE.caches.add(keys)

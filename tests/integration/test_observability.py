@@ -1,0 +1,224 @@
+"""Observability (issue 10, point 6): Prometheus metrics and readiness.
+
+Metrics live in prometheus_client's process-wide registry, so each test compares a
+scrape before and after what it does.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from governance.settings import Settings
+from tests.conftest import remember_personal
+from tests.integration.mailbox import sign_in
+
+P = "?purpose=service.support"
+
+
+async def scrape(
+    client: AsyncTestClient[Any],
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    resp = await client.get("/metrics")
+    assert resp.status_code == 200
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def _customer(client: AsyncTestClient[Any], support: dict[str, str], email: str) -> str:
+    remember_personal(email)
+    resp = await client.post(
+        f"/v1/customers{P}",
+        json={"profile": {"name": "Obi Served", "email": email}},
+        headers=support,
+    )
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["id"])
+
+
+async def test_request_and_decision_metrics_move(
+    client: AsyncTestClient[Any], org: dict[str, dict[str, str]]
+) -> None:
+    """Requests are counted; each gated read counts its disclosed categories and its
+    withheld ones by reason code; writes count allowed categories and denials by reason."""
+    support = org["support"]
+    cid = await _customer(client, support, "obs.decisions@example.org")
+    before = await scrape(client)
+    assert (await client.get(f"/v1/customers/{cid}/story{P}", headers=support)).status_code == 200
+    # marketing reads for a consent purpose the customer never granted
+    resp = await client.get(
+        f"/v1/customers/{cid}/story?purpose=marketing.email", headers=org["marketing"]
+    )
+    assert resp.status_code == 200, resp.text
+    withheld = {w["reason"] for w in resp.json()["withheld"]}
+    # a write the policy does not allow
+    resp = await client.patch(
+        f"/v1/customers/{cid}/profile?purpose=sales.outreach",
+        json={"name": "X Y"},
+        headers=support,
+    )
+    assert resp.status_code == 403
+    after = await scrape(client)
+    name = "storyvault_decisions_total"
+    assert value(after, name, action="read", reason="disclosed") > value(
+        before, name, action="read", reason="disclosed"
+    )
+    assert value(after, name, action="read", reason="denied_by_policy") > value(
+        before, name, action="read", reason="denied_by_policy"
+    )  # support's deny rule on insight.*
+    for reason in withheld:
+        assert value(after, name, action="read", reason=reason) > value(
+            before, name, action="read", reason=reason
+        ), reason
+    write_reasons = {
+        labels
+        for (metric, labels), v in after.items()
+        if metric == name
+        and dict(labels)["action"] == "write"
+        and dict(labels)["reason"] != "allowed"
+        and v > before.get((metric, labels), 0.0)
+    }
+    assert write_reasons, "the refused write was not counted"
+    requests = sum(v for (m, _), v in after.items() if m == "storyvault_requests_total")
+    assert requests > sum(v for (m, _), v in before.items() if m == "storyvault_requests_total")
+
+
+async def test_audit_batch_metrics_move(
+    client: AsyncTestClient[Any], org: dict[str, dict[str, str]]
+) -> None:
+    """Each group commit of the audit writer records its size and its latency."""
+    support = org["support"]
+    cid = await _customer(client, support, "obs.audit@example.org")
+    before = await scrape(client)
+    for _ in range(3):
+        resp = await client.get(f"/v1/customers/{cid}/story{P}", headers=support)
+        assert resp.status_code == 200
+    after = await scrape(client)
+    for name in ("storyvault_audit_batch_size", "storyvault_audit_batch_seconds"):
+        assert value(after, f"{name}_count") >= value(before, f"{name}_count") + 1, name
+        assert value(after, f"{name}_sum") > value(before, f"{name}_sum"), name
+    # at least three entries went through the batches
+    grown = value(after, "storyvault_audit_batch_size_sum") - value(
+        before, "storyvault_audit_batch_size_sum"
+    )
+    assert grown >= 3
+    assert value(after, "storyvault_audit_batch_size_bucket", le="512.0") >= value(
+        after, "storyvault_audit_batch_size_count"
+    )
+
+
+async def test_consent_event_metrics_move(
+    client: AsyncTestClient[Any], support: dict[str, str], settings: Settings
+) -> None:
+    """Consent events are counted by event type (grant, withdrawal, GPC opt-out)."""
+    email = "obs.consent@example.org"
+    await _customer(client, support, email)
+    auth = await sign_in(client, Path(settings.mail_url.removeprefix("file://")), email)
+    before = await scrape(client)
+    events = []
+    for granted in (True, False):
+        resp = await client.put(
+            "/v1/me/consents/marketing.email", json={"granted": granted}, headers=auth
+        )
+        assert resp.status_code == 200, resp.text
+        events.append(resp.json()["event"])
+    # Sec-GPC: 1 opts out of the sale/sharing purposes
+    assert (
+        await client.get("/v1/me/consents", headers={**auth, "Sec-GPC": "1"})
+    ).status_code == 200
+    after = await scrape(client)
+    name = "storyvault_consent_events_total"
+    for event in events:
+        assert value(after, name, event_type=event) > value(before, name, event_type=event), event
+    total_after = sum(v for (m, _), v in after.items() if m == name)
+    total_before = sum(v for (m, _), v in before.items() if m == name)
+    assert total_after >= total_before + 3  # grant, withdrawal, and at least one GPC event
+
+
+async def test_key_cache_metrics_move(
+    client: AsyncTestClient[Any], support: dict[str, str]
+) -> None:
+    """The data-key cache reports misses (first read of a customer) and hits (next reads)."""
+    cid = await _customer(client, support, "obs.keys@example.org")
+    gc.collect()  # vaults of earlier tests leave the sums now, not during this test
+    vault = client.app.state.vault
+    vault.keys.forget(list(getattr(vault.keys, "_cache", None) or []))
+    before = await scrape(client)
+    for _ in range(3):
+        assert (
+            await client.get(f"/v1/customers/{cid}/story{P}", headers=support)
+        ).status_code == 200
+    after = await scrape(client)
+    hits = "storyvault_key_cache_hits_total"
+    misses = "storyvault_key_cache_misses_total"
+    assert value(after, hits) > value(before, hits)
+    assert value(after, misses) > value(before, misses)
+    assert value(after, hits) >= vault.keys.hits
+
+
+async def test_ready_reports_every_part(client: AsyncTestClient[Any]) -> None:
+    """When all is well /ready names what it checked."""
+    resp = await client.get("/ready")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["status"] == "ready"
+    for part in ("database", "keystore", "keys", "audit_writer"):
+        assert body[part] == "ok"
+
+
+async def test_ready_fails_when_the_audit_writer_is_stopped(
+    client: AsyncTestClient[Any], support: dict[str, str]
+) -> None:
+    """A stopped audit writer means no gated read can be answered: /ready says 503, and
+    reads fail closed with 503 too; /health still answers (the process is alive)."""
+    cid = await _customer(client, support, "obs.ready@example.org")
+    vault = client.app.state.vault
+    client.blocking_portal.call(vault.audit_writer.stop)
+    assert not vault.audit_writer.running
+    resp = await client.get("/ready")
+    assert resp.status_code == 503
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert resp.json()["code"] == "not_ready"
+    assert resp.json()["component"] == "audit_unavailable"
+    assert (await client.get("/health")).status_code == 200
+    resp = await client.get(f"/v1/customers/{cid}/story{P}", headers=support)
+    assert resp.status_code == 503
+    assert "Obi Served" not in resp.text
+    client.blocking_portal.call(vault.audit_writer.start)
+    assert (await client.get("/ready")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("part", "component"),
+    [("database", "database_unavailable"), ("keyring", "keyring_unavailable")],
+)
+async def test_ready_fails_when_the_database_or_key_ring_is_unusable(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch, part: str, component: str
+) -> None:
+    """An unreachable database or a key ring whose current KEK cannot wrap: 503."""
+    vault = client.app.state.vault
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise OSError("unusable")
+
+    if part == "database":
+        monkeypatch.setattr(vault.db, "session", broken)
+    else:
+        monkeypatch.setattr(vault.ring, "wrap", broken)
+    resp = await client.get("/ready")
+    assert resp.status_code == 503
+    assert resp.json()["component"] == component
+    monkeypatch.undo()
+    assert (await client.get("/ready")).status_code == 200
