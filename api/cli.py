@@ -399,3 +399,7 @@ def erasures_reapply(since: Any) -> None:
 
 def run_cli(args: list[str]) -> Any:  # pragma: no cover - convenience for tests
     return main.main(args=args, standalone_mode=False)
+
+
+if __name__ == "__main__":
+    main()
