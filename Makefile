@@ -19,6 +19,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/bandit -q -r api governance consent policies audit -lll
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

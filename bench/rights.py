@@ -30,8 +30,13 @@ async def _story(vault: Any, chapters: int, email: str) -> str:
         start = datetime(2025, 1, 1, tzinfo=UTC)
         for i in range(chapters):
             await vault.vault.add_chapter(
-                session, cid, category="support.ticket", kind="ticket",
-                occurred_at=start + timedelta(minutes=i), body=body, author_team="support",
+                session,
+                cid,
+                category="support.ticket",
+                kind="ticket",
+                occurred_at=start + timedelta(minutes=i),
+                body=body,
+                author_team="support",
             )
         await session.commit()
     return cid
@@ -62,16 +67,19 @@ async def _run(backend: str) -> dict[str, Any]:
             await vault.rights.erase(cid, None)
             erase_s = time.perf_counter() - t0
             out[f"chapters_{n}"] = {
-                "export_json_s": round(json_s, 3), "export_json_bytes": size,
+                "export_json_s": round(json_s, 3),
+                "export_json_bytes": size,
                 "export_json_peak_mib": round(peak / 2**20, 2),
-                "export_zip_s": round(zip_s, 3), "export_zip_peak_mib": round(zpeak / 2**20, 2),
+                "export_zip_s": round(zip_s, 3),
+                "export_zip_peak_mib": round(zpeak / 2**20, 2),
                 "erasure_s": round(erase_s, 4),
             }
             print(backend, n, out[f"chapters_{n}"])
         for i in range(1000):
             async with vault.db.write_session() as session:
                 await vault.vault.create_customer(
-                    session, external_ref=None,
+                    session,
+                    external_ref=None,
                     profile={"name": "R", "email": f"r{i}@example.com", "phone": "+1 555 0100"},
                 )
                 await session.commit()
@@ -79,9 +87,12 @@ async def _run(backend: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         result = await vault.rights.rotate_keys(batch=500)
         rot_s = time.perf_counter() - t0
-        out["rotation"] = {"data_keys": keys, "rewrapped": result["rewrapped"],
-                           "seconds": round(rot_s, 3),
-                           "deks_per_s": round(result["rewrapped"] / rot_s, 1)}
+        out["rotation"] = {
+            "data_keys": keys,
+            "rewrapped": result["rewrapped"],
+            "seconds": round(rot_s, 3),
+            "deks_per_s": round(result["rewrapped"] / rot_s, 1),
+        }
         print(backend, out["rotation"])
     return out
 
@@ -92,8 +103,11 @@ async def _live_keys(vault: Any) -> list[Any]:
     from governance.models import DATA_KEYS
 
     async with vault.keystore.session() as session:
-        return list((await session.execute(
-            select(DATA_KEYS.id).where(DATA_KEYS.destroyed_at.is_(None)))).scalars())
+        return list(
+            (
+                await session.execute(select(DATA_KEYS.id).where(DATA_KEYS.destroyed_at.is_(None)))
+            ).scalars()
+        )
 
 
 def main() -> None:

@@ -111,7 +111,9 @@ async def test_duplicate_is_a_conflict_and_changes_nothing(
     assert len(await store.list_rules()) == 1
 
 
-@pytest.mark.parametrize("rule_id", ["6c76e8f2-f398-4f3b-94db-632f2f272b01", "not-a-uuid", "x" * 5000])
+@pytest.mark.parametrize(
+    "rule_id", ["6c76e8f2-f398-4f3b-94db-632f2f272b01", "not-a-uuid", "x" * 5000]
+)
 async def test_remove_unknown_rule(
     store: PolicyStore, catalog: PolicyCatalog, rule_id: str
 ) -> None:
