@@ -6,6 +6,7 @@ of StoryVault (mixed in), sharing its collaborators.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -109,38 +110,34 @@ class Operations:
     async def add_policy(
         self, principal: Principal, spec: RuleSpec, request_id: str | None = None
     ) -> Rule:
-        self.require_admin(principal)
-        async with self.db.write_session() as session, session.begin():
+        async def change(session: AsyncSession) -> Rule:
             teams = await self.teams.team_names(session)
-            rule = await self.policy_store.add_rule(
+            return await self.policy_store.add_rule(
                 spec, self._policy_catalog(teams), session=session
             )
-            await self.audit_in(
-                session,
-                AuditEntry(
-                    kind=EntryKind.POLICY_CHANGE,
-                    actor=principal.team,
-                    actor_key_id=principal.key_id,
-                    purpose=rule.purpose,
-                    categories=(rule.category,),
-                    request_id=request_id,
-                    detail={
-                        "operation": "policy.add",
-                        "rule_id": rule.id,
-                        "rule": " ".join(rule.line()),
-                    },
-                ),
-            )
-        await self.policy.reload()
-        log.info("policy.added", team=principal.team, rule_id=rule.id, version=self.policy.version)
-        return rule
+
+        return await self._change_policy(principal, "policy.add", change, request_id)
 
     async def remove_policy(
         self, principal: Principal, rule_id: str, request_id: str | None = None
     ) -> Rule:
+        async def change(session: AsyncSession) -> Rule:
+            return await self.policy_store.remove_rule(rule_id, session=session)
+
+        return await self._change_policy(principal, "policy.remove", change, request_id)
+
+    async def _change_policy(
+        self,
+        principal: Principal,
+        operation: str,
+        change: Callable[[AsyncSession], Awaitable[Rule]],
+        request_id: str | None,
+    ) -> Rule:
+        """A policy change and its audit entry commit together; then this instance
+        recompiles at once (the others through their watchers)."""
         self.require_admin(principal)
         async with self.db.write_session() as session, session.begin():
-            rule = await self.policy_store.remove_rule(rule_id, session=session)
+            rule = await change(session)
             await self.audit_in(
                 session,
                 AuditEntry(
@@ -151,16 +148,14 @@ class Operations:
                     categories=(rule.category,),
                     request_id=request_id,
                     detail={
-                        "operation": "policy.remove",
+                        "operation": operation,
                         "rule_id": rule.id,
                         "rule": " ".join(rule.line()),
                     },
                 ),
             )
         await self.policy.reload()
-        log.info(
-            "policy.removed", team=principal.team, rule_id=rule.id, version=self.policy.version
-        )
+        log.info(operation, team=principal.team, rule_id=rule.id, version=self.policy.version)
         return rule
 
     async def explain_policy(
