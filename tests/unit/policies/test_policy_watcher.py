@@ -50,8 +50,12 @@ async def test_two_engines_converge_within_a_second(
         rule = await store_a.add_rule(
             RuleSpec("marketing", "contact.*", "read", "marketing.email"), catalog
         )
+        # both engines follow through their watchers (the writer's own included)
         elapsed = await _wait_for(
-            lambda: "contact.email" in engine_b.table("marketing", "marketing.email").allowed,
+            lambda: (
+                "contact.email" in engine_b.table("marketing", "marketing.email").allowed
+                and engine_a.version == 1
+            ),
             limit=2,
         )
         assert elapsed < 1.0
@@ -59,7 +63,10 @@ async def test_two_engines_converge_within_a_second(
 
         await store_b.remove_rule(rule.id)
         elapsed = await _wait_for(
-            lambda: not engine_a.table("marketing", "marketing.email").allowed, limit=2
+            lambda: (
+                not engine_a.table("marketing", "marketing.email").allowed and engine_b.version == 2
+            ),
+            limit=2,
         )
         assert elapsed < 1.0
         assert engine_a.version == engine_b.version == 2
