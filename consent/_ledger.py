@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
@@ -500,6 +500,12 @@ class Ledger:
                 await session.flush()
         except OperationalError as exc:
             raise LedgerUnavailable("consent ledger could not be sequenced") from exc
+        except DBAPIError as exc:
+            # PostgreSQL reports lock_timeout / statement_timeout as plain DBAPIErrors
+            # (SQLSTATE 55P03, 57014); they mean "try again", not a broken request.
+            if _sqlstate(exc) in _RETRYABLE_STATES:
+                raise LedgerUnavailable("consent ledger could not be sequenced") from exc
+            raise
 
     async def _append_locked(
         self,
@@ -628,3 +634,14 @@ async def verify_chain(session: AsyncSession, *, batch_size: int = 1000) -> int 
             expected += 1
         if len(rows) < batch_size:
             return None
+
+
+_RETRYABLE_STATES = frozenset({"55P03", "57014"})
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return None

@@ -339,13 +339,6 @@ async def test_write_lock_timeout_is_unavailable(
         )
         take_lock = "UPDATE consent_state SET state = state WHERE 1 = 0"
     else:  # PostgreSQL: the sequencing advisory lock is held, lock_timeout is short
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="consent._ledger._sequenced maps only OperationalError; asyncpg's "
-                "lock_not_available (55P03) arrives as a plain DBAPIError",
-            )
-        )
         impatient = create_async_engine(
             consent_engine.url, connect_args={"server_settings": {"lock_timeout": "50"}}
         )
