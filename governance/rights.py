@@ -329,29 +329,9 @@ class Rights:
             values: dict[str, Any] = {"restricted": True, "updated_at": now}
             if full:
                 values.update(status="erased", erased_at=now, external_ref=None)
-                states = await sv.ledger.states(session, subject)
-                for purpose, state in states.items():
-                    if state.state == "granted":
-                        event = await sv.ledger.record(
-                            session,
-                            subject,
-                            purpose,
-                            granted=False,
-                            channel=Channel.API,
-                            actor="customer",
-                            evidence="erasure request",
-                        )
-                        await sv.audit_in(
-                            session,
-                            AuditEntry(
-                                kind=EntryKind.CONSENT,
-                                actor=actor,
-                                subject=subject,
-                                purpose=purpose,
-                                consent_index=event.ledger_index,
-                                detail={"event": str(event.event_type), "reason": "erasure"},
-                            ),
-                        )
+                await self._withdraw_consents(
+                    session, subject, actor=actor, evidence="erasure request"
+                )
             await session.execute(
                 update(CustomerRow).where(CUSTOMERS.id == customer_id).values(**values)
             )
@@ -399,6 +379,35 @@ class Rights:
             keys_destroyed=destroyed,
             audit_index=audit_index,
         )
+
+    async def _withdraw_consents(
+        self, session: AsyncSession, subject: str, *, actor: str, evidence: str
+    ) -> None:
+        """Withdraw every standing grant of an erased customer, each with its audit leaf."""
+        sv = self.sv
+        for purpose, state in (await sv.ledger.states(session, subject)).items():
+            if state.state != "granted":
+                continue
+            event = await sv.ledger.record(
+                session,
+                subject,
+                purpose,
+                granted=False,
+                channel=Channel.API,
+                actor="customer" if actor != "system" else "system",
+                evidence=evidence,
+            )
+            await sv.audit_in(
+                session,
+                AuditEntry(
+                    kind=EntryKind.CONSENT,
+                    actor=actor,
+                    subject=subject,
+                    purpose=purpose,
+                    consent_index=event.ledger_index,
+                    detail={"event": str(event.event_type), "reason": "erasure"},
+                ),
+            )
 
     def certificate(
         self,
@@ -606,29 +615,12 @@ class Rights:
                     values["restricted"] = True
                 if entry.full and customer.status != "erased":
                     values.update(status="erased", erased_at=at, external_ref=None)
-                    for purpose, st in (await sv.ledger.states(session, subject)).items():
-                        if st.state != "granted":
-                            continue
-                        event = await sv.ledger.record(
-                            session,
-                            subject,
-                            purpose,
-                            granted=False,
-                            channel=Channel.API,
-                            actor="system",
-                            evidence="erasure re-applied after a restore",
-                        )
-                        await sv.audit_in(
-                            session,
-                            AuditEntry(
-                                kind=EntryKind.CONSENT,
-                                actor="system",
-                                subject=subject,
-                                purpose=purpose,
-                                consent_index=event.ledger_index,
-                                detail={"event": str(event.event_type), "reason": "erasure"},
-                            ),
-                        )
+                    await self._withdraw_consents(
+                        session,
+                        subject,
+                        actor="system",
+                        evidence="erasure re-applied after a restore",
+                    )
                 if values:
                     values["updated_at"] = now
                     await session.execute(
