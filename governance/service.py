@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -162,13 +162,23 @@ class StoryVault(Operations, InsightsOperations):
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        # Every step is bounded: a listener or pool connection that never answers
+        # (a database gone away mid-shutdown) must not keep the process from exiting.
         if self.policy_watcher is not None:
-            await self.policy_watcher.stop()
+            await self._bounded("policy_watcher", self.policy_watcher.stop())
             self.policy_watcher = None
-        await self.audit_writer.stop()
-        await self.db.dispose()
+        await self._bounded("audit_writer", self.audit_writer.stop())
+        await self._bounded("database", self.db.dispose())
         if self.keystore is not self.db:
-            await self.keystore.dispose()
+            await self._bounded("keystore", self.keystore.dispose())
+
+    @staticmethod
+    async def _bounded(step: str, work: Awaitable[None], seconds: float = 10.0) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await work
+        except TimeoutError:
+            log.warning("storyvault.stop_timeout", step=step, seconds=seconds)
 
     async def ready(self) -> dict[str, Any]:
         """Raise Unavailable naming the first unusable part: the database, the key store,
