@@ -61,6 +61,7 @@ from audit._merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from audit._sql import Prepared
 from audit._store import TABLE_NAMES, TABLES, entries, nodes, tree_heads
 from audit._tree_head import (
     SignedTreeHead,
@@ -98,6 +99,7 @@ __all__ = [
     "InvalidQuery",
     "LogStateConflict",
     "LogVerification",
+    "Prepared",
     "ProgressCallback",
     "SignedTreeHead",
     "StoredEntry",

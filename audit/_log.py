@@ -25,6 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import ColumnElement, Row, and_, delete, false, func, insert, or_, select, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit._entry import AuditEntry, EncodedEntry, decode_leaf
@@ -46,6 +47,7 @@ from audit._merkle import (
     perfect_subtrees,
     subtree_hash_from,
 )
+from audit._sql import Prepared
 from audit._store import entries, nodes, tree_heads
 from audit._tree_head import SignedTreeHead, sign_tree_head
 
@@ -58,6 +60,18 @@ _NODE_CHUNK = 100
 """Node keys per query: keeps OR-lists far below SQLite's expression depth limit."""
 
 _SUPPORTED_DIALECTS = ("sqlite", "postgresql")
+
+# The append's statements, built once (it runs for every batch of the group commit).
+_PG_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_SQLITE_LOCK = Prepared(delete(tree_heads).where(false()))
+_LAST_HEAD = Prepared(
+    select(tree_heads.c.tree_size, tree_heads.c.timestamp_ms, tree_heads.c.root_hash)
+    .order_by(tree_heads.c.tree_size.desc())
+    .limit(1)
+)
+_INSERT_ENTRIES = Prepared(insert(entries), [c.name for c in entries.c])
+_INSERT_NODES = Prepared(insert(nodes), [c.name for c in nodes.c])
+_INSERT_HEAD = Prepared(insert(tree_heads), [c.name for c in tree_heads.c])
 
 
 def _utc_now() -> datetime:
@@ -135,8 +149,8 @@ def _stored_from_row(row: Row[Any]) -> StoredEntry:
     return StoredEntry(row.leaf_index, decode_leaf(leaf), leaf, bytes(row.leaf_hash))
 
 
-async def read_nodes(
-    conn: AsyncConnection, keys: Collection[tuple[int, int]]
+def read_nodes_sync(
+    conn: Connection, keys: Collection[tuple[int, int]]
 ) -> dict[tuple[int, int], bytes]:
     """The stored hashes of the perfect subtrees ``keys`` that exist."""
     wanted = sorted(keys)
@@ -144,20 +158,33 @@ async def read_nodes(
     for start in range(0, len(wanted), _NODE_CHUNK):
         chunk = wanted[start : start + _NODE_CHUNK]
         condition = or_(*(and_(nodes.c.level == lv, nodes.c.node_index == ix) for lv, ix in chunk))
-        rows = await conn.execute(
+        rows = conn.execute(
             select(nodes.c.level, nodes.c.node_index, nodes.c.hash).where(condition)
         )
         found.update(((r.level, r.node_index), bytes(r.hash)) for r in rows)
     return found
 
 
-async def _require_nodes(
+async def read_nodes(
     conn: AsyncConnection, keys: Collection[tuple[int, int]]
 ) -> dict[tuple[int, int], bytes]:
-    found = await read_nodes(conn, keys)
+    """The stored hashes of the perfect subtrees ``keys`` that exist."""
+    return await conn.run_sync(read_nodes_sync, keys)
+
+
+def _require_nodes_sync(
+    conn: Connection, keys: Collection[tuple[int, int]]
+) -> dict[tuple[int, int], bytes]:
+    found = read_nodes_sync(conn, keys)
     if len(found) != len(set(keys)):
         raise LogStateConflict("the stored tree lacks subtree hashes it should have")
     return found
+
+
+async def _require_nodes(
+    conn: AsyncConnection, keys: Collection[tuple[int, int]]
+) -> dict[tuple[int, int], bytes]:
+    return await conn.run_sync(_require_nodes_sync, keys)
 
 
 class TransparencyLog:
@@ -181,6 +208,14 @@ class TransparencyLog:
         if dialect not in _SUPPORTED_DIALECTS:
             raise ValueError(f"the audit log runs on {_SUPPORTED_DIALECTS}, not {dialect!r}")
         self._engine = engine
+        # The right edge after the last append this object made, keyed by the tree
+        # size and root it produced. An append whose locked read of the newest
+        # tree head finds that same (size, root) reuses it instead of reading
+        # log2(n) stored nodes; anything else (another instance appended, or that
+        # transaction rolled back) falls back to the stored nodes. The root hash
+        # pins the exact leaves, so a rolled-back append can never be mistaken
+        # for a later one of the same size.
+        self._edge_memo: tuple[int, bytes, dict[int, bytes]] | None = None
         self._dialect = dialect
         self._signing_key = signing_key
         self._key_id = key_id
@@ -204,8 +239,22 @@ class TransparencyLog:
     async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
         """Append ``batch`` in one transaction of its own and sign one tree head for it."""
         encoded = [EncodedEntry.of(e) for e in batch]  # encode before taking the lock
+        if not encoded:
+            raise ValueError("an append needs at least one entry")
         async with self._engine.begin() as conn:
-            return await self._append_encoded(conn, encoded)
+            return await conn.run_sync(self._append_sync, encoded)
+
+    def append_sync(
+        self, conn: Connection, batch: Sequence[AuditEntry | EncodedEntry]
+    ) -> AppendResult:
+        """``append_in`` for a synchronous connection (same database as the engine): the
+        append joins the caller's transaction on ``conn``; the caller commits."""
+        encoded = [EncodedEntry.of(e) for e in batch]
+        if not encoded:
+            raise ValueError("an append needs at least one entry")
+        if conn.dialect.name != self._dialect:
+            raise ValueError("the connection must reach the log's database")
+        return self._append_sync(conn, encoded)
 
     async def append_in(
         self, conn: AsyncConnection, batch: Sequence[AuditEntry | EncodedEntry]
@@ -216,32 +265,31 @@ class TransparencyLog:
         transaction. Call it before other statements of that transaction: on SQLite a
         transaction that read first may fail to become a writer.
         """
-        return await self._append_encoded(conn, [EncodedEntry.of(e) for e in batch])
-
-    async def _sequence(self, conn: AsyncConnection) -> None:
-        if self._dialect == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_id})
-        else:
-            await conn.execute(delete(tree_heads).where(false()))
-
-    async def _append_encoded(
-        self, conn: AsyncConnection, batch: list[EncodedEntry]
-    ) -> AppendResult:
-        if not batch:
+        encoded = [EncodedEntry.of(e) for e in batch]
+        if not encoded:
             raise ValueError("an append needs at least one entry")
-        await self._sequence(conn)
+        return await conn.run_sync(self._append_sync, encoded)
+
+    def _sequence(self, conn: Connection) -> None:
+        if self._dialect == "postgresql":
+            conn.execute(_PG_LOCK, {"k": self._lock_id})
+        else:
+            _SQLITE_LOCK.execute(conn)
+
+    def _append_sync(self, conn: Connection, batch: list[EncodedEntry]) -> AppendResult:
+        """The append itself, on the caller's transaction (synchronous: on a sync
+        connection, or through ``run_sync`` on an async one)."""
+        self._sequence(conn)
         # Read the state only inside the lock: it is the state this batch extends.
-        last = (
-            await conn.execute(
-                select(tree_heads.c.tree_size, tree_heads.c.timestamp_ms)
-                .order_by(tree_heads.c.tree_size.desc())
-                .limit(1)
-            )
-        ).first()
-        size, last_ms = (last.tree_size, last.timestamp_ms) if last else (0, 0)
-        edge_keys = CompactRange.edge_nodes(size)
-        found = await _require_nodes(conn, edge_keys)
-        edge = CompactRange(size, {lv: found[(lv, ix)] for lv, ix in edge_keys})
+        last = _LAST_HEAD.first(conn)
+        size, last_ms, last_root = (last[0], last[1], bytes(last[2])) if last else (0, 0, b"")
+        memo = self._edge_memo
+        if memo is not None and memo[0] == size and memo[1] == last_root:
+            edge = CompactRange(size, memo[2])
+        else:
+            edge_keys = CompactRange.edge_nodes(size)
+            found = _require_nodes_sync(conn, edge_keys)
+            edge = CompactRange(size, {lv: found[(lv, ix)] for lv, ix in edge_keys})
 
         entry_rows: list[dict[str, Any]] = []
         node_rows: list[dict[str, Any]] = []
@@ -263,21 +311,23 @@ class TransparencyLog:
             node_rows.extend(
                 {"level": lv, "node_index": ix, "hash": h} for lv, ix, h in edge.append(hashed)
             )
-        await conn.execute(insert(entries), entry_rows)
-        await conn.execute(insert(nodes), node_rows)
+        _INSERT_ENTRIES.execute_many(conn, entry_rows)
+        _INSERT_NODES.execute_many(conn, node_rows)
 
         # Tree-head timestamps never go backwards, even if the clock does.
         timestamp_ms = max(int(self._clock().timestamp() * 1000), last_ms)
         head = sign_tree_head(self._signing_key, self._key_id, edge.size, edge.root(), timestamp_ms)
-        await conn.execute(
-            insert(tree_heads).values(
-                tree_size=head.tree_size,
-                root_hash=head.root_hash,
-                timestamp_ms=head.timestamp_ms,
-                signature=head.signature,
-                key_id=head.key_id,
-            )
+        _INSERT_HEAD.execute(
+            conn,
+            {
+                "tree_size": head.tree_size,
+                "root_hash": head.root_hash,
+                "timestamp_ms": head.timestamp_ms,
+                "signature": head.signature,
+                "key_id": head.key_id,
+            },
         )
+        self._edge_memo = (head.tree_size, head.root_hash, edge.edge())
         return AppendResult(size, head)
 
     # -- reading ---------------------------------------------------------------

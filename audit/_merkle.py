@@ -253,6 +253,10 @@ class CompactRange:
     def size(self) -> int:
         return self._size
 
+    def edge(self) -> dict[int, bytes]:
+        """A copy of the right edge: level -> perfect-subtree hash."""
+        return dict(self._edge)
+
     def append(self, leaf: bytes) -> list[tuple[int, int, bytes]]:
         """Add one leaf hash; returns the perfect subtrees it completes, leaf first."""
         index = self._size

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from cachetools import TTLCache
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from governance.db import Database
@@ -24,6 +24,11 @@ def dek_aad(customer_id: str, scope: str, dek_id: str) -> bytes:
     # A wrapped key is bound to its customer, scope and id: copying it to
     # another row makes it fail to unwrap instead of silently decrypting.
     return f"sv:dek:v1|{customer_id}|{scope}|{dek_id}".encode()
+
+
+_KEYS_FOR_READ = select(
+    DATA_KEYS.id, DATA_KEYS.customer_id, DATA_KEYS.scope, DATA_KEYS.kek_version, DATA_KEYS.wrapped
+).where(DATA_KEYS.id.in_(bindparam("ids", expanding=True)), DATA_KEYS.destroyed_at.is_(None))
 
 
 class DataKeys:
@@ -151,21 +156,9 @@ class DataKeys:
         self.hits += len(found)
         if missing:
             self.misses += len(missing)
-            async with self.store.session() as session:
-                rows = (
-                    await session.execute(
-                        select(
-                            DATA_KEYS.id,
-                            DATA_KEYS.customer_id,
-                            DATA_KEYS.scope,
-                            DATA_KEYS.kek_version,
-                            DATA_KEYS.wrapped,
-                        ).where(
-                            DATA_KEYS.id.in_(missing),
-                            DATA_KEYS.destroyed_at.is_(None),
-                        )
-                    )
-                ).all()
+            rows = await self.store.read(
+                lambda conn: conn.execute(_KEYS_FOR_READ, {"ids": missing}).all()
+            )
             for row in rows:
                 if row.wrapped is None:
                     continue

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -19,7 +20,18 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-__all__ = ["Database", "alembic_config", "upgrade_database"]
+__all__ = ["Database", "DatabaseBusy", "alembic_config", "upgrade_database"]
+
+T = TypeVar("T")
+
+
+class DatabaseBusy(Exception):
+    """Another process holds the SQLite database's write lock (nothing was written)."""
+
+
+def _is_busy(exc: OperationalError) -> bool:
+    return "database is locked" in str(exc.orig) or "database is busy" in str(exc.orig)
+
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -44,7 +56,22 @@ async def upgrade_database(engine: AsyncEngine) -> None:
 
 
 class Database:
-    """The engine and a session factory; SQLite gets WAL and a busy timeout."""
+    """The engine and a session factory; SQLite gets WAL and a busy timeout.
+
+    On SQLite there is also a synchronous engine on the same file (the standard
+    library's driver, no thread hand-offs). It serves two hot paths:
+
+    * ``read(fn)``: the gated read's few indexed SELECTs run on the event loop's
+      own connection, in place. A WAL reader never waits for the writer, and the
+      rows come from the page cache in tens of microseconds, less than one hand-off
+      to aiosqlite's thread would cost (measured: 2 statements through
+      SQLAlchemy + aiosqlite cost 3-4 ms of CPU here; in place, 0.15-0.25 ms).
+    * ``sync_engine``: the audit log's group commit runs a whole batch as one unit
+      in a worker thread (one hand-off per batch instead of one per statement).
+
+    On PostgreSQL ``read(fn)`` runs ``fn`` through ``AsyncConnection.run_sync``, so
+    the same synchronous code serves both back ends.
+    """
 
     def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> None:
         self.url = url
@@ -63,7 +90,6 @@ class Database:
         if self.is_sqlite:
             sync = sqlite_synchronous
 
-            @event.listens_for(self.engine.sync_engine, "connect")
             def _pragmas(dbapi_conn: Any, _record: Any) -> None:
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
@@ -71,6 +97,16 @@ class Database:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
+
+            event.listen(self.engine.sync_engine, "connect", _pragmas)
+        self.sync_engine: Engine | None = None
+        if self.is_sqlite and self.engine.url.database not in (None, "", ":memory:"):
+            self.sync_engine = create_engine(
+                self.engine.url.set(drivername="sqlite"), pool_size=4, max_overflow=4
+            )
+            event.listen(self.sync_engine, "connect", _pragmas)
+        self._reader: Connection | None = None
+        self._writer: Connection | None = None
 
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time and its busy handler is not fair: under
@@ -98,8 +134,97 @@ class Database:
         async with self._write_lock, self.sessions() as session:
             yield session
 
+    @asynccontextmanager
+    async def write_lock(self) -> AsyncIterator[None]:
+        """The in-process writers' FIFO lock on SQLite (nothing on PostgreSQL). Never
+        wait for the audit group commit while holding it: the commit takes it too."""
+        if self._write_lock is None:
+            yield
+            return
+        async with self._write_lock:
+            yield
+
+    def write_inline(self, fn: Callable[[Connection], T]) -> T:
+        """SQLite: run ``fn`` in a transaction on the loop's own writer connection and
+        commit, in place. That connection never waits for a lock: if another process
+        holds the database, ``DatabaseBusy`` is raised at once (nothing written) and
+        the caller retries with ``write_sync`` in a worker thread. Call it holding
+        ``write_lock``, so no writer of this process can hold the database."""
+        assert self.sync_engine is not None, "write_inline is for SQLite"
+        conn = self._writer
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self.sync_engine.connect()
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            conn.commit()
+            self._writer = conn
+        try:
+            with conn.begin():
+                return fn(conn)
+        except OperationalError as exc:
+            if _is_busy(exc):
+                raise DatabaseBusy(str(exc.orig)) from exc
+            self._writer = None
+            conn.invalidate()
+            raise
+
+    def write_sync(self, fn: Callable[[Connection], T]) -> T:
+        """SQLite: run ``fn`` in a transaction on a pooled connection that waits for
+        locks up to the busy timeout (thread-safe: for a worker thread)."""
+        assert self.sync_engine is not None, "write_sync is for SQLite"
+        with self.sync_engine.begin() as conn:
+            return fn(conn)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run the read-only ``fn`` on a connection and return its result.
+
+        ``fn`` is synchronous and must not write. On SQLite it runs in place on the
+        event loop's own connection, which is left outside any transaction after
+        every call (so it never pins an old snapshot); on PostgreSQL through
+        ``run_sync`` on a pooled connection.
+        """
+        if self.sync_engine is None:
+            async with self.engine.connect() as pooled:
+                return await pooled.run_sync(fn)
+        conn = self._reader
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self.sync_engine.connect()
+            # Reads only, and never a long wait on the loop: a WAL reader meets a
+            # lock only in rare cases (recovery after a crash), and then fails fast.
+            conn.exec_driver_sql("PRAGMA query_only=ON")
+            conn.exec_driver_sql("PRAGMA busy_timeout=2000")
+            conn.commit()
+            self._reader = conn
+        try:
+            return fn(conn)
+        finally:
+            try:
+                conn.rollback()
+            except Exception:  # noqa: BLE001 - a broken connection is replaced next time
+                self._reader = None
+                conn.invalidate()
+
+    def recycle(self) -> None:
+        """Open fresh connections from now on: the loop's own reader and writer are
+        dropped and both pools forget their idle connections (connections in use
+        finish their work first). For fault drills and operators' tooling."""
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                conn.invalidate()
+        self._reader = self._writer = None
+        self.engine.sync_engine.dispose(close=False)
+        if self.sync_engine is not None:
+            self.sync_engine.dispose(close=False)
+
     async def upgrade(self) -> None:
         await upgrade_database(self.engine)
 
     async def dispose(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                # Closed, not pooled: their pragmas (query_only, no busy wait) are theirs.
+                conn.invalidate()
+                conn.close()
+        self._reader = self._writer = None
+        if self.sync_engine is not None:
+            self.sync_engine.dispose()
         await self.engine.dispose()

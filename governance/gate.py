@@ -14,19 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import and_, select
+from sqlalchemy import and_, bindparam, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
 
-from audit import AuditEntry, EntryKind, Withheld
+from audit import AuditEntry, EntryKind, Prepared, Withheld
 from consent import ConsentState, Ledger, evaluate
 from governance.catalog import Catalog
+from governance.db import Database
 from governance.errors import Forbidden, InvalidInput, NotFound
 from governance.keys import KeyRing
 from governance.metrics import count_decisions, count_withheld
-from governance.models import CUSTOMERS, CustomerRow
+from governance.models import CATEGORY_STATES, CUSTOMERS
 from governance.teams import Principal
-from governance.vault import Vault
+from governance.vault import Vault, story_rows
 from policies import Action, DecisionTable, Mask, PolicyEngine, apply_mask
 
 __all__ = ["AuditSink", "Gate", "GateDecision", "StoryView"]
@@ -39,6 +40,38 @@ class _Lookup:
 
 
 _LOOKUP = _Lookup()
+
+_CONSENT = ConsentState.__table__.c  # type: ignore[attr-defined]
+
+# The customer and their consent standing for the purpose, in one round trip.
+_CUSTOMER_AND_CONSENT = Prepared(
+    select(
+        CUSTOMERS.status,
+        CUSTOMERS.restricted,
+        _CONSENT.subject,
+        _CONSENT.purpose,
+        _CONSENT.state,
+        _CONSENT.since,
+        _CONSENT.expires_at,
+    )
+    .outerjoin(
+        ConsentState,
+        and_(_CONSENT.subject == CUSTOMERS.subject, _CONSENT.purpose == bindparam("purpose")),
+    )
+    .where(CUSTOMERS.id == bindparam("customer_id"))
+)
+_CATEGORY_STATES = select(
+    CATEGORY_STATES.category, CATEGORY_STATES.state, CATEGORY_STATES.hold_purpose
+).where(CATEGORY_STATES.customer_id == bindparam("customer_id"))
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """What the gated read's one database visit returns."""
+
+    status: str
+    decision: GateDecision
+    rows: list[Any]
 
 
 class AuditSink(Protocol):
@@ -122,30 +155,46 @@ class Gate:
         """Policy table, then the purpose's legal basis for this customer (no caching of it:
         a withdrawal counts from the very next request, on every instance)."""
         table = self.policy_table(principal, purpose, action)
-        decision = GateDecision(purpose=purpose, table=table)
         if isinstance(consent_state, _Lookup):
-            decision.basis_reason = await self.ledger.check(session, subject, purpose)
+            basis_reason = await self.ledger.check(session, subject, purpose)
         else:
-            decision.basis_reason = evaluate(
-                consent_state, self.ledger.terms(purpose), self.ledger.now()
-            )
+            basis_reason = evaluate(consent_state, self.ledger.terms(purpose), self.ledger.now())
+        return self._decision(table, purpose, basis_reason, categories)
+
+    def _decision(
+        self,
+        table: DecisionTable,
+        purpose: str,
+        basis_reason: str | None,
+        categories: Iterable[str] | None = None,
+    ) -> GateDecision:
+        decision = GateDecision(purpose=purpose, table=table, basis_reason=basis_reason)
         for category in categories if categories is not None else self._all_categories:
             d = table.decide(category)
             if not d.allowed:
                 decision.withheld.append((category, d.reason or "no_policy"))
-            elif decision.basis_reason is not None:
-                decision.withheld.append((category, decision.basis_reason))
+            elif basis_reason is not None:
+                decision.withheld.append((category, basis_reason))
             else:
                 decision.granted[category] = d.mask
         return decision
 
-    async def _apply_category_states(
+    async def apply_category_states(
         self, session: AsyncSession, customer_id: str, decision: GateDecision
+    ) -> None:
+        """``_apply_category_states`` with the customer's states looked up."""
+        states = await self.vault.category_states(session, customer_id)
+        self._apply_category_states(
+            ((c, state, hold) for c, (state, hold) in states.items()), decision
+        )
+
+    @staticmethod
+    def _apply_category_states(
+        states: Iterable[tuple[str, str, str | None]], decision: GateDecision
     ) -> None:
         """Erased categories are gone for every purpose; held ones serve only their
         legal purpose (reason codes ``erased`` and ``legal_hold_only``)."""
-        states = await self.vault.category_states(session, customer_id)
-        for category, (state, hold_purpose) in states.items():
+        for category, state, hold_purpose in states:
             if state == "erased":
                 reason = "erased"
             elif hold_purpose != decision.purpose:
@@ -163,9 +212,44 @@ class Gate:
             return value
         return apply_mask(mask, value, pseudonym_key=self._mask_key)
 
+    def _load(
+        self, conn: Connection, table: DecisionTable, customer_id: str, purpose: str
+    ) -> _Loaded:
+        """The read's whole database visit, synchronous (``Database.read``): the
+        customer and consent standing, the category states if any were erased or
+        held, then exactly the granted parts' sealed rows."""
+        row = _CUSTOMER_AND_CONSENT.first(conn, {"customer_id": customer_id, "purpose": purpose})
+        # An erased customer exists only for the purposes that hold some of their
+        # data (invoices under the tax law's legal obligation); for others, 404.
+        if row is None or (row[0] == "erased" and purpose not in self._hold_purposes):
+            raise NotFound("no such customer", code="customer_not_found")
+        status, restricted, subject, consent_purpose, state, since, expires_at = row
+        consent = (
+            None
+            if state is None
+            else ConsentState.model_construct(
+                subject=subject,
+                purpose=consent_purpose,
+                state=state,
+                since=since,
+                expires_at=expires_at,
+            )
+        )
+        basis_reason = evaluate(consent, self.ledger.terms(purpose), self.ledger.now())
+        decision = self._decision(table, purpose, basis_reason)
+        if restricted:
+            states = conn.execute(_CATEGORY_STATES, {"customer_id": customer_id})
+            self._apply_category_states(states, decision)
+        # Everything granted (the common case of a broad purpose): the unfiltered
+        # statement, which spares expanding a dozen IN parameters per read.
+        granted = decision.granted
+        wanted = None if len(granted) == len(self._all_categories) else list(granted)
+        rows = story_rows(conn, customer_id, wanted)
+        return _Loaded(status=status, decision=decision, rows=rows)
+
     async def read_story(
         self,
-        session: AsyncSession,
+        db: Database,
         principal: Principal,
         customer_id: str,
         purpose: str,
@@ -173,37 +257,16 @@ class Gate:
     ) -> StoryView:
         purpose = self.check_purpose(purpose)
         try:
-            self.policy_table(principal, purpose, Action.READ)  # no rule: 403 before any lookup
+            table = self.policy_table(principal, purpose, Action.READ)  # no rule: 403 first
         except Forbidden:
             count_withheld("read", [(c, "no_policy") for c in self._all_categories])
             raise
-        # The customer and their consent standing for this purpose in one round trip.
-        row = (
-            await session.execute(
-                select(CustomerRow, ConsentState)
-                .outerjoin(
-                    ConsentState,
-                    and_(
-                        col(ConsentState.subject) == CUSTOMERS.subject,
-                        col(ConsentState.purpose) == purpose,
-                    ),
-                )
-                .where(CUSTOMERS.id == customer_id)
-            )
-        ).first()
-        customer = None if row is None else row[0]
-        # An erased customer exists only for the purposes that hold some of their
-        # data (invoices under the tax law's legal obligation); for others, 404.
-        if customer is None or (customer.status == "erased" and purpose not in self._hold_purposes):
-            raise NotFound("no such customer", code="customer_not_found")
+        # One visit to the database (no connection is held past it, in particular
+        # not while waiting for the audit group commit, which needs one itself).
+        loaded = await db.read(lambda conn: self._load(conn, table, customer_id, purpose))
+        decision = loaded.decision
         subject = self.ring.pseudonym(customer_id)
-        assert row is not None
-        decision = await self.decide(session, principal, subject, purpose, consent_state=row[1])
-        if customer.restricted:
-            await self._apply_category_states(session, customer_id, decision)
-        story = await self.vault.read_story(
-            session, customer_id, decision.granted, customer=customer
-        )
+        story = await self.vault.open_story(customer_id, loaded.status, loaded.rows)
         profile = {
             name: self._mask(decision.granted[story.profile_categories[name]], value)
             for name, value in story.profile.items()
@@ -220,11 +283,6 @@ class Gate:
             for ch in story.chapters
         ]
         withheld = [{"category": c, "reason": r} for c, r in decision.withheld]
-        # The reads are done: give the connection back to the pool before waiting
-        # for the group commit, which needs a connection from the same pool. Held
-        # here, as many waiting reads as the pool has connections starve the audit
-        # writer and every read times out (found by `make bench`).
-        await session.close()
         # Data leaves only after its audit entry is durable: the append returns
         # once the group commit holding it has committed. If it fails, the
         # exception propagates and the caller answers 503 with nothing disclosed.

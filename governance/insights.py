@@ -635,7 +635,7 @@ class InsightsOperations:
                 session, principal, subject, purpose, categories=ALL_INPUTS
             )
             if customer.restricted:
-                await self.gate._apply_category_states(session, customer_id, decision)
+                await self.gate.apply_category_states(session, customer_id, decision)
             profiling = await self.ledger.check(session, subject, PROFILING_PURPOSE)
             missing = {c: r for c, r in decision.withheld if c in ALL_INPUTS}
             plan = plan_signals(decision.granted, missing, profiling.value if profiling else None)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import msgspec
 import structlog
 
 __all__ = ["PERSONAL_KEYS", "configure_logging", "scrub_personal"]
@@ -49,6 +50,15 @@ def scrub_personal(
     return event
 
 
+_ENCODER = msgspec.json.Encoder(enc_hook=repr)
+
+
+def _dumps(event: Any, **_: Any) -> str:
+    """structlog's serializer: msgspec (a few times faster than ``json.dumps``, and
+    every request logs at least one line); values it cannot encode become repr()."""
+    return _ENCODER.encode(event).decode()
+
+
 def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     structlog.configure(
@@ -58,7 +68,7 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             scrub_personal,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(out),

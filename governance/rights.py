@@ -759,18 +759,19 @@ class Rights:
             counts["holds_ended"] = len(ended)
         async with sv.db.write_session() as session:
             expired = await sv.ledger.expire_due(session)
-            for event in expired:
-                await sv.audit_writer_append(
-                    AuditEntry(
-                        kind=EntryKind.CONSENT,
-                        actor="system",
-                        subject=event.subject,
-                        purpose=event.purpose,
-                        consent_index=event.ledger_index,
-                        detail={"event": "expire"},
-                    )
+        # Outside the write session: the group commit takes the same write lock.
+        for event in expired:
+            await sv.audit_writer_append(
+                AuditEntry(
+                    kind=EntryKind.CONSENT,
+                    actor="system",
+                    subject=event.subject,
+                    purpose=event.purpose,
+                    consent_index=event.ledger_index,
+                    detail={"event": "expire"},
                 )
-            counts["consents_expired"] = len(expired)
+            )
+        counts["consents_expired"] = len(expired)
         log.info("retention.swept", **counts)
         return counts
 

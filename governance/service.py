@@ -16,9 +16,10 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from audit import AuditEntry, AuditWriter, EntryKind, TransparencyLog
+from audit import AuditEntry, AuditWriter, BatchLog, EntryKind, TransparencyLog
 from consent import Ledger, PurposeTerms, ReceiptSigner
 from consent import LegalBasis as ConsentBasis
+from governance.auditlog import InlineSqliteLog
 from governance.catalog import Catalog, load_catalog
 from governance.datakeys import DataKeys, check_ring_fits
 from governance.db import Database
@@ -82,8 +83,13 @@ class StoryVault(Operations, InsightsOperations):
             signing.private, signing.kid, controller={"name": "Story Vault", "contact": "privacy"}
         )
         self.audit_log = TransparencyLog(self.db.engine, signing.private, signing.kid)
+        batch_log: BatchLog = (
+            self.audit_log
+            if self.db.sync_engine is None
+            else InlineSqliteLog(self.audit_log, self.db)
+        )
         self.audit_writer = AuditWriter(
-            MeasuredBatchLog(self.audit_log), max_delay=settings.audit_batch_ms / 1000.0
+            MeasuredBatchLog(batch_log), max_delay=settings.audit_batch_ms / 1000.0
         )
         self.audit: AuditSink = self.audit_writer
         self.policy_store = PolicyStore(self.db.engine)
@@ -312,8 +318,7 @@ class StoryVault(Operations, InsightsOperations):
         request_id: str | None = None,
     ) -> StoryView:
         purpose = self.check_purpose(purpose)
-        async with self.db.session() as session:
-            return await self.gate.read_story(session, principal, customer_id, purpose, request_id)
+        return await self.gate.read_story(self.db, principal, customer_id, purpose, request_id)
 
     async def update_profile(
         self,
@@ -391,8 +396,7 @@ class StoryVault(Operations, InsightsOperations):
 
     # --- teams and keys ------------------------------------------------------
     async def authenticate_team(self, secret: str) -> Principal | None:
-        async with self.db.session() as session:
-            return await self.teams.authenticate(session, secret)
+        return await self.db.read(lambda conn: self.teams.authenticate(conn, secret))
 
     async def authenticate_customer(self, token: str) -> CustomerPrincipal | None:
         async with self.db.session() as session:

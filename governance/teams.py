@@ -12,9 +12,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from audit import Prepared
 from governance.errors import Conflict, InvalidInput, NotFound
 from governance.keys import KeyRing
 from governance.models import API_KEYS, TEAMS, ApiKeyRow, TeamRow
@@ -22,6 +24,11 @@ from governance.models import API_KEYS, TEAMS, ApiKeyRow, TeamRow
 __all__ = ["ADMIN_ROLE", "IssuedKey", "Principal", "Teams"]
 
 ADMIN_ROLE = "admin"
+_KEY_LOOKUP = Prepared(
+    select(API_KEYS.id, API_KEYS.team, API_KEYS.revoked_at, TEAMS.roles)
+    .join(TeamRow, TEAMS.name == API_KEYS.team)
+    .where(API_KEYS.digest == bindparam("digest"))
+)
 KNOWN_ROLES = frozenset({ADMIN_ROLE})
 _TEAM = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
 
@@ -136,17 +143,19 @@ class Teams:
         if getattr(result, "rowcount", 0) == 0:
             raise NotFound("no such active key", code="key_not_found")
 
-    async def authenticate(self, session: AsyncSession, secret: str) -> Principal | None:
+    def authenticate(self, conn: Connection, secret: str) -> Principal | None:
+        """The principal of an API key, or None (unknown or revoked). Synchronous, for
+        ``Database.read``: it runs on every team request, and no cache stands between
+        it and the keys table, so a revocation holds from the next request on every
+        instance."""
         if not secret or len(secret) > 512:
             return None
-        row = (
-            await session.execute(
-                select(API_KEYS.id, API_KEYS.team, API_KEYS.revoked_at, TEAMS.roles)
-                .join(TeamRow, TEAMS.name == API_KEYS.team)
-                .where(API_KEYS.digest == self.ring.token_digest(secret))
-            )
-        ).first()
-        if row is None or row.revoked_at is not None:
+        row = _KEY_LOOKUP.first(conn, {"digest": self.ring.token_digest(secret)})
+        if row is None:
             return None
-        roles = frozenset(r for r in row.roles.split(",") if r)
-        return Principal(team=row.team, key_id=row.id, roles=roles)
+        key_id, team, revoked_at, roles = row
+        if revoked_at is not None:
+            return None
+        return Principal(
+            team=team, key_id=key_id, roles=frozenset(r for r in roles.split(",") if r)
+        )

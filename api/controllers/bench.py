@@ -2,7 +2,7 @@
 
 ``GET /bench/bare/{customer_id}`` is the "bare read" of ``make bench``: it fetches
 the same stored rows the gated read loads (profile values and chapters) with the
-same engine and driver, and returns them as they are stored (ciphertext, base64)
+same statement, connection and driver, and returns them as they are stored (ciphertext, base64)
 — no authentication, no policy, no consent, no decryption, no audit. It is the
 floor the gated read is compared with; it never runs in production.
 """
@@ -13,10 +13,9 @@ from datetime import datetime
 
 import msgspec
 from litestar import Controller, get
-from sqlalchemy import select
 
 from api.deps import VaultDep
-from governance.models import CHAPTERS, PROFILE_VALUES
+from governance.vault import story_rows
 
 __all__ = ["BenchController"]
 
@@ -44,20 +43,6 @@ class StoredStory(msgspec.Struct):
     chapters: list[StoredChapter]
 
 
-_PROFILE = select(
-    PROFILE_VALUES.field, PROFILE_VALUES.category, PROFILE_VALUES.dek_id, PROFILE_VALUES.sealed
-)
-_CHAPTERS = select(
-    CHAPTERS.id,
-    CHAPTERS.category,
-    CHAPTERS.kind,
-    CHAPTERS.occurred_at,
-    CHAPTERS.author_team,
-    CHAPTERS.dek_id,
-    CHAPTERS.sealed,
-)
-
-
 class BenchController(Controller):
     path = "/bench"
     tags = ["benchmark"]
@@ -65,24 +50,15 @@ class BenchController(Controller):
 
     @get("/bare/{customer_id:str}", operation_id="benchBareRead", exclude_from_auth=True)
     async def bare(self, vault: VaultDep, customer_id: str) -> StoredStory:
-        async with vault.db.session() as session:
-            prows = (
-                await session.execute(_PROFILE.where(PROFILE_VALUES.customer_id == customer_id))
-            ).all()
-            crows = (
-                await session.execute(
-                    _CHAPTERS.where(CHAPTERS.customer_id == customer_id).order_by(
-                        CHAPTERS.occurred_at, CHAPTERS.id
-                    )
+        # The gated read's own statement, connection and driver (Database.read).
+        rows = await vault.db.read(lambda conn: story_rows(conn, customer_id))
+        profile: list[StoredValue] = []
+        chapters: list[StoredChapter] = []
+        for src, ref, category, kind, occurred_at, author_team, dek_id, sealed in rows:
+            if src == 0:
+                profile.append(StoredValue(ref, category, dek_id, sealed))
+            else:
+                chapters.append(
+                    StoredChapter(ref, category, kind, occurred_at, author_team, dek_id, sealed)
                 )
-            ).all()
-        return StoredStory(
-            customer_id=customer_id,
-            profile=[StoredValue(r.field, r.category, r.dek_id, r.sealed) for r in prows],
-            chapters=[
-                StoredChapter(
-                    c.id, c.category, c.kind, c.occurred_at, c.author_team, c.dek_id, c.sealed
-                )
-                for c in crows
-            ],
-        )
+        return StoredStory(customer_id=customer_id, profile=profile, chapters=chapters)

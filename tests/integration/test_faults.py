@@ -380,19 +380,23 @@ async def test_read_only_database_answers_503_and_writes_nothing(
         head = await direct.audit_log.latest_tree_head()
         return customers, values, events, head.tree_size if head else 0
 
-    engine = client.app.state.vault.db.engine
+    db = client.app.state.vault.db
     mode: dict[str, bool] = {"read_only": False}
 
-    @event.listens_for(engine.sync_engine, "connect")
     def _read_only(dbapi_conn: Any, _record: Any) -> None:
         if mode["read_only"]:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA query_only=ON")
             cur.close()
 
+    # Both engines on the file: the async one and the synchronous one that
+    # serves the gated read and the audit group commit in place.
+    event.listen(db.engine.sync_engine, "connect", _read_only)
+    event.listen(db.sync_engine, "connect", _read_only)
+
     before = await counts()
     mode["read_only"] = True
-    engine.sync_engine.dispose(close=False)  # every new connection is read-only
+    db.recycle()  # every new connection is read-only
     outcomes = {
         "consent": await client.put(
             f"/v1/me/consents/{PURPOSE}", json={"granted": True}, headers=me
@@ -414,7 +418,7 @@ async def test_read_only_database_answers_503_and_writes_nothing(
     assert await counts() == before, "something was half-written while read-only"
 
     mode["read_only"] = False
-    engine.sync_engine.dispose(close=False)
+    db.recycle()
     deadline = time.monotonic() + 10
     while True:  # the audit writer recovers with its next batch
         r = await client.get(f"/v1/customers/{cid}/story{READ}", headers=support)
