@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Executable
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 
 __all__ = ["Prepared"]
@@ -68,6 +69,21 @@ class Prepared:
             args.append(value if proc is None else proc(value))
         return args
 
+    def _run(self, conn: Connection, args: Any, *, many: bool = False) -> Any:
+        """The driver call, its errors wrapped as SQLAlchemy wraps them (so callers
+        catch ``sqlalchemy.exc.OperationalError`` and the like on every path);
+        parameters are kept out of the message."""
+        driver = conn.connection.driver_connection
+        error = conn.dialect.loaded_dbapi.Error
+        try:
+            if many:
+                return driver.executemany(self._sql, args)  # type: ignore[union-attr]
+            return driver.execute(self._sql, args)  # type: ignore[union-attr]
+        except error as exc:
+            raise DBAPIError.instance(
+                self._sql, None, exc, error, hide_parameters=True, dialect=conn.dialect
+            ) from exc
+
     def rows(
         self, conn: Connection, params: Mapping[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
@@ -75,9 +91,7 @@ class Prepared:
         params = params or {}
         if not _direct(conn):
             return [tuple(row) for row in conn.execute(self.stmt, dict(params))]
-        cursor = conn.connection.driver_connection.execute(  # type: ignore[union-attr]
-            self._sql, self._args(params)
-        )
+        cursor = self._run(conn, self._args(params))
         found = cursor.fetchall()
         cursor.close()
         procs = self._result
@@ -99,9 +113,7 @@ class Prepared:
         if not _direct(conn):
             conn.execute(self.stmt, dict(params or {}))
             return
-        conn.connection.driver_connection.execute(  # type: ignore[union-attr]
-            self._sql, self._args(params or {})
-        ).close()
+        self._run(conn, self._args(params or {})).close()
 
     def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run an INSERT (or other statement without results) once per row."""
@@ -110,6 +122,4 @@ class Prepared:
         if not _direct(conn):
             conn.execute(self.stmt, [dict(r) for r in rows])
             return
-        conn.connection.driver_connection.executemany(  # type: ignore[union-attr]
-            self._sql, [self._args(r) for r in rows]
-        ).close()
+        self._run(conn, [self._args(r) for r in rows], many=True).close()

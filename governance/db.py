@@ -144,12 +144,15 @@ class Database:
         async with self._write_lock:
             yield
 
-    def write_inline(self, fn: Callable[[Connection], T]) -> T:
-        """SQLite: run ``fn`` in a transaction on the loop's own writer connection and
-        commit, in place. That connection never waits for a lock: if another process
-        holds the database, ``DatabaseBusy`` is raised at once (nothing written) and
-        the caller retries with ``write_sync`` in a worker thread. Call it holding
-        ``write_lock``, so no writer of this process can hold the database."""
+    async def write_inline(self, fn: Callable[[Connection], T]) -> T:
+        """SQLite: run ``fn`` in a transaction on the loop's own writer connection, in
+        place, then commit in a worker thread (the commit's fsync needs no GIL, and
+        the loop serves other requests meanwhile). The connection never waits for a
+        lock: if another process holds the database, ``DatabaseBusy`` is raised at
+        once (nothing written) and the caller retries with ``write_sync`` in a
+        worker thread. Call it holding ``write_lock``, so no writer of this process
+        can hold the database, and nothing else uses the connection until it is
+        committed."""
         assert self.sync_engine is not None, "write_inline is for SQLite"
         conn = self._writer
         if conn is None or conn.closed or conn.invalidated:
@@ -158,14 +161,27 @@ class Database:
             conn.commit()
             self._writer = conn
         try:
-            with conn.begin():
-                return fn(conn)
+            trans = conn.begin()
+            try:
+                result = fn(conn)
+            except BaseException:
+                trans.rollback()
+                raise
+            done = asyncio.ensure_future(asyncio.to_thread(trans.commit))
+            try:
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                # The commit goes on in its thread: this connection is its until
+                # then, so the next batch opens another.
+                self._writer = None
+                raise
         except OperationalError as exc:
             if _is_busy(exc):
                 raise DatabaseBusy(str(exc.orig)) from exc
             self._writer = None
             conn.invalidate()
             raise
+        return result
 
     def write_sync(self, fn: Callable[[Connection], T]) -> T:
         """SQLite: run ``fn`` in a transaction on a pooled connection that waits for

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from api.app import create_app
 from api.cli import main as cli
-from audit import TABLE_NAMES, drop_append_only_ddl
+from audit import TABLE_NAMES, AuditEntry, EntryKind, drop_append_only_ddl, verify_log
 from governance.service import StoryVault
 from governance.settings import Settings
 from tests.integration.portal import new_customer, sign_in
@@ -411,3 +411,35 @@ async def test_two_instances_append_to_one_log(
     assert result.exit_code == 0, result.output
     assert f"{head_a['tree_size']} entries" in result.output
     assert os.environ.get("STORYVAULT_DATABASE_URL") != settings.database_url
+
+
+async def test_two_instances_append_to_one_log_at_once_and_every_read_is_served(
+    client: AsyncTestClient[Any], org: dict[str, dict[str, str]], direct: StoryVault
+) -> None:
+    """Two instances on one database (two workers on one SQLite file, or two nodes
+    on PostgreSQL) commit audit batches at the same time: no read is refused for a
+    busy database, every entry lands once, and the log verifies."""
+    cid = await new_customer(client, org["support"], EMAIL, NAME)
+    size = await direct.audit_log.size()
+    await direct.audit_writer.start()
+    try:
+
+        async def other(n: int) -> int:
+            return await direct.audit_writer_append(
+                AuditEntry(
+                    kind=EntryKind.KEY_EVENT,
+                    actor="system",
+                    detail={"operation": "test.concurrent", "n": n},
+                )
+            )
+
+        reads = [client.get(READ.format(cid), headers=org["support"]) for _ in range(40)]
+        done = await asyncio.gather(*reads, *(other(n) for n in range(40)))
+    finally:
+        await direct.audit_writer.stop()
+    answers = done[:40]
+    assert [r.status_code for r in answers] == [200] * 40, [r.text for r in answers][:3]
+    indexes = [r.json()["audit_index"] for r in answers] + list(done[40:])
+    assert sorted(indexes) == list(range(size, size + 80))
+    verified = await verify_log(direct.db.engine, dict(direct.ring.public_jwks()))
+    assert verified.ok, verified.divergence

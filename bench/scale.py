@@ -1,0 +1,225 @@
+"""Scale on PostgreSQL: the gated read at 10,000 customers, then at 1,000,000 with
+10,000,000 chapters, and the audience of a consent purpose streamed at that size.
+
+    .venv/bin/python -m bench.scale [--real 10000] [--customers 1000000]
+                                    [--chapters 10000000] [--duration 10]
+
+1. starts a PostgreSQL server (as the tests do) and seeds ``--real`` customers
+   through the service layer exactly as ``make bench`` does (20 sealed chapters,
+   5 profile fields, a consent grant and its audit entry each);
+2. starts ``storyvault serve`` (1 worker) and measures the gated read with wrk at
+   full load over a fixed sample of those customers (after a warm-up over the
+   same sample);
+3. stops the server and grows the database to ``--customers`` customers and
+   ``--chapters`` chapters with SQL (``generate_series``): filler customers, half
+   of them granting the benchmarked purpose, and filler chapters spread over them
+   with sealed-size bodies, so that every table and index the read and the
+   audience touch has its full size;
+4. restarts the server, measures the gated read again over the same sample, and
+   pages through ``GET /v1/purposes/{purpose}/audience`` (10,000 ids a page)
+   until the last page, timing the whole stream.
+
+Goals (issue "performance"): the gated read at 1M keeps >= 80 % of its 10k
+throughput; the audience streams in under 10 s. Results: bench/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS
+from bench.run import (
+    BIN,
+    ENDPOINTS,
+    PURPOSE,
+    Server,
+    ensure_wrk,
+    free_port,
+    log,
+    lua_script,
+    machine_info,
+    measure,
+    seed,
+    start_server,
+    storyvault_env,
+    warm_up,
+)
+from tests.pgserver import PgServer
+from tests.pgserver import start_server as start_pg
+from tests.pgserver import stop_server as stop_pg
+
+DB = "storyvault"
+FILLER_SQL = """
+SET synchronous_commit = off;
+INSERT INTO customers (id, subject, external_ref, status, restricted, created_at, updated_at)
+SELECT md5('filler-c' || g)::uuid::text, 'sp_f' || md5('filler-s' || g), NULL, 'active',
+       false, now(), now()
+FROM generate_series({first}, {last}) AS g;
+INSERT INTO consent_state (subject, purpose, state, since, expires_at, last_event_id,
+                           last_ledger_index)
+SELECT 'sp_f' || md5('filler-s' || g), '{purpose}', 'granted', now(), NULL,
+       md5('filler-e' || g)::uuid, 0
+FROM generate_series({first}, {last}) AS g WHERE g % 2 = 0;
+"""
+CHAPTER_SQL = """
+SET synchronous_commit = off;
+INSERT INTO chapters (id, customer_id, category, kind, occurred_at, author_team, dek_id,
+                      sealed, created_at)
+SELECT md5('filler-h' || g)::uuid::text, md5('filler-c' || (1 + g % {filler}))::uuid::text,
+       'support.ticket', 'ticket', now() - (g % 1000) * interval '1 day', 'support',
+       md5('filler-k' || (g % {filler}))::uuid::text,
+       convert_to(repeat(md5(g::text), 6), 'UTF8'), now()
+FROM generate_series({first}, {last}) AS g;
+"""
+
+
+def gated_point(
+    wrk: str, server: Server, sample: list[str], key: str, workdir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    script = lua_script(
+        workdir, f"scale-{time.monotonic_ns()}", ENDPOINTS["gated"], sample, key, None
+    )
+    warm_up(wrk, server, script, len(sample), args)
+    point = measure(
+        wrk,
+        server,
+        "postgresql",
+        "gated",
+        script,
+        load="full",
+        duration=args.duration,
+        connections=args.connections,
+        target=None,
+    )
+    return asdict(point)
+
+
+def serve(url: str, data_dir: Path, customers: int, logs: Path) -> Server:
+    port = free_port()
+    env = storyvault_env(data_dir, url, port, 1, customers)
+    return start_server("storyvault", [str(BIN / "storyvault"), "serve"], env, port, 1, logs)
+
+
+def grow(pg: PgServer, real: int, customers: int, chapters: int) -> dict[str, float]:
+    filler = customers - real
+    t0 = time.perf_counter()
+    step = 100_000
+    for first in range(1, filler + 1, step):
+        last = min(filler, first + step - 1)
+        pg.psql(FILLER_SQL.format(first=first, last=last, purpose=PURPOSE), DB)
+    t1 = time.perf_counter()
+    log(f"  {filler} filler customers in {t1 - t0:.0f} s")
+    existing = int(pg.psql("SELECT count(*) FROM chapters", DB).split()[-1])
+    todo = chapters - existing
+    step = 1_000_000
+    for first in range(1, todo + 1, step):
+        last = min(todo, first + step - 1)
+        pg.psql(CHAPTER_SQL.format(first=first, last=last, filler=filler), DB)
+        log(f"  chapters {existing + last:,}/{chapters:,} ({time.perf_counter() - t1:.0f} s)")
+    t2 = time.perf_counter()
+    pg.psql("VACUUM ANALYZE", DB)
+    t3 = time.perf_counter()
+    return {"customers_s": t1 - t0, "chapters_s": t2 - t1, "analyze_s": t3 - t2}
+
+
+def stream_audience(base: str, key: str) -> dict[str, Any]:
+    """Page through the whole audience; the time to the last id."""
+    total = pages = 0
+    cursor: str | None = None
+    t0 = time.perf_counter()
+    while True:
+        url = f"{base}/v1/purposes/{PURPOSE}/audience?limit=10000"
+        if cursor:
+            url += f"&cursor={cursor}"
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            page = json.loads(resp.read())
+        total += len(page["items"])
+        pages += 1
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    return {"ids": total, "pages": pages, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def counts(pg: PgServer) -> dict[str, int]:
+    out = {}
+    for table in ("customers", "chapters", "profile_values", "consent_state", "audit_entries"):
+        out[table] = int(pg.psql(f"SELECT count(*) FROM {table}", DB).split()[-1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real", type=int, default=10_000)
+    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--chapters", type=int, default=10_000_000)
+    parser.add_argument("--sample", type=int, default=2_000)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=15.0)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args(argv)
+    wrk = ensure_wrk()
+    root = Path(tempfile.mkdtemp(prefix="sv-scale-"))
+    logs = root / "logs"
+    logs.mkdir()
+    pg = start_pg()
+    result: dict[str, Any] = {
+        "run_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "args": vars(args),
+    }
+    try:
+        url = pg.create_database(DB)
+        data_dir = root / "data"
+        data_dir.mkdir()
+        log(f"seeding {args.real} customers through the service")
+        ids, key = asyncio.run(seed(data_dir, url, args.real))
+        sample = random.Random(7).sample(ids, min(args.sample, len(ids)))
+        result["small"] = {"counts": counts(pg)}
+        server = serve(url, data_dir, args.real, logs)
+        try:
+            result["small"]["gated"] = gated_point(wrk, server, sample, key, root, args)
+            result["small"]["audience"] = stream_audience(server.url, key)
+        finally:
+            server.stop()
+        log(f"growing to {args.customers:,} customers and {args.chapters:,} chapters")
+        result["grow_seconds"] = grow(pg, args.real, args.customers, args.chapters)
+        result["large"] = {"counts": counts(pg)}
+        server = serve(url, data_dir, args.real, logs)
+        try:
+            result["large"]["gated"] = gated_point(wrk, server, sample, key, root, args)
+            result["large"]["audience"] = stream_audience(server.url, key)
+        finally:
+            server.stop()
+    finally:
+        stop_pg(pg)
+    small, large = result["small"]["gated"]["rps"], result["large"]["gated"]["rps"]
+    result["gated_ratio_large_over_small"] = round(large / small, 3)
+    result["goals"] = {
+        "gated_large_over_small >= 0.8": result["gated_ratio_large_over_small"] >= 0.8,
+        "audience_stream_under_10s": result["large"]["audience"]["seconds"] < 10,
+    }
+    out = RESULTS / "scale.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(
+        f"gated read: {small:.0f} req/s at {args.real:,} customers, {large:.0f} at "
+        f"{args.customers:,} ({result['gated_ratio_large_over_small']:.2f}); audience "
+        f"{result['large']['audience']['ids']:,} ids in {result['large']['audience']['seconds']} s"
+    )
+    log(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
