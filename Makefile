@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-soak run-cluster clean
+.PHONY: run test lint typecheck bench bench-soak bench-scale run-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench: $(STAMP)
 
 bench-soak: $(STAMP)
 	$(BIN)/python -m bench.run --soak 600
+
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale
 
 run-cluster: $(STAMP)
 	$(BIN)/python docker/cluster.py

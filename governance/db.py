@@ -66,26 +66,48 @@ class Database:
       rows come from the page cache in tens of microseconds, less than one hand-off
       to aiosqlite's thread would cost (measured: 2 statements through
       SQLAlchemy + aiosqlite cost 3-4 ms of CPU here; in place, 0.15-0.25 ms).
-    * ``sync_engine``: the audit log's group commit runs a whole batch as one unit
-      in a worker thread (one hand-off per batch instead of one per statement).
+    * ``write_inline``: the audit group commit runs a batch's statements on the
+      loop's own writer connection and only its commit (fsync) in a worker thread
+      (see governance.auditlog).
 
     On PostgreSQL ``read(fn)`` runs ``fn`` through ``AsyncConnection.run_sync``, so
     the same synchronous code serves both back ends.
     """
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: str = "FULL",
+        pool_size: int = 32,
+        pre_ping: bool = False,
+    ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             # Each pooled aiosqlite connection is a thread and a file handle: keep
-            # enough of them open that bursts do not churn through new ones.
-            kwargs.update(pool_size=pool_size * 2, max_overflow=pool_size)
+            # enough of them open that bursts do not churn through new ones (the
+            # hot paths do not use them: see read and write_inline).
+            kwargs.update(pool_size=20, max_overflow=10)
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            # PostgreSQL: ``pool_size`` connections stay open (a pool smaller than
+            # the concurrent requests closes and reopens connections all the time:
+            # measured, a third of the gated read's time). On the hot database no
+            # ping per checkout (a round trip per request): a connection broken by
+            # a server restart fails its request with 503 and the pool then drops
+            # every connection of that age; connections are renewed every 5
+            # minutes anyway. ``pre_ping`` is for rarely used databases (the key
+            # store), whose idle connections are the likeliest to be stale.
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=pool_size // 2,
+                pool_recycle=300,
+                pool_pre_ping=pre_ping,
+            )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             sync = sqlite_synchronous

@@ -56,12 +56,21 @@ class StoryVault(Operations, InsightsOperations):
         self.ring, self.ring_created = KeyRing.load_or_create(
             settings.data_dir, settings.keyring_json
         )
-        self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self.db = Database(
+            settings.database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            pool_size=settings.db_pool_size,
+        )
         keystore_url = settings.effective_keystore_url
         self.keystore = (
             self.db
             if keystore_url == settings.database_url
-            else Database(keystore_url, sqlite_synchronous=settings.sqlite_synchronous)
+            else Database(
+                keystore_url,
+                sqlite_synchronous=settings.sqlite_synchronous,
+                pool_size=8,
+                pre_ping=True,
+            )
         )
         self.keys = DataKeys(
             self.ring,
