@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,10 @@ def app_factory() -> Litestar:
                     )
                 ).scalars()
             )
-            async with key_sessions() as key_session:
+            # The key store is this same database on PostgreSQL: use the open
+            # session (a second connection per request exhausts the pool).
+            keys_cm = nullcontext(session) if key_engine is engine else key_sessions()
+            async with keys_cm as key_session:
                 dek_rows = list(
                     (
                         await key_session.execute(
