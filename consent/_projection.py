@@ -125,18 +125,29 @@ def _granted_now(terms: PurposeTerms, now: datetime) -> ColumnElement[bool]:
 
 
 def allowed_condition(
-    terms: PurposeTerms, now: datetime, subject: ColumnElement[str]
+    terms: PurposeTerms,
+    now: datetime,
+    subject: ColumnElement[str],
+    *,
+    after: str | None = None,
 ) -> ColumnElement[bool]:
     """A boolean SQL expression: is ``terms`` currently allowed for ``subject``?
 
     ``subject`` is a column of the caller's table holding subject pseudonyms; the
     expression is a correlated (NOT) EXISTS on the ``consent_state`` primary key,
     so it can filter a customers table of any size. Equivalent to :func:`evaluate`.
+
+    ``after``: the caller only wants subjects after this one (keyset pagination).
+    Repeating the bound inside the EXISTS changes no answer, but lets PostgreSQL
+    start its merge join at the page instead of scanning the projection from the
+    first subject on every page (measured at 1M customers: 0.6 s a page, rising).
     """
     basis = terms.legal_basis
     if basis in (LegalBasis.CONTRACT, LegalBasis.LEGAL_OBLIGATION):
         return true()
     pair = and_(col(ConsentState.subject) == subject, col(ConsentState.purpose) == terms.name)
+    if after is not None:
+        pair = and_(pair, col(ConsentState.subject) > after)
     if basis == LegalBasis.LEGITIMATE_INTEREST:
         blocked = col(ConsentState.state).in_(
             [PurposeState.OBJECTED.value, PurposeState.GPC_OPTED_OUT.value]
@@ -176,7 +187,7 @@ def audience_query(
         )
     else:
         subject = universe
-        query = select(subject).where(allowed_condition(terms, now, subject))
+        query = select(subject).where(allowed_condition(terms, now, subject, after=after))
     if after is not None:
         query = query.where(subject > after)
     return query.order_by(subject).limit(limit)

@@ -375,7 +375,7 @@ class Operations:
             select(CUSTOMERS.id, subject_col)
             .where(
                 CUSTOMERS.status == "active",
-                allowed_condition(terms, self.ledger.now(), subject_col),
+                allowed_condition(terms, self.ledger.now(), subject_col, after=after),
             )
             .order_by(subject_col)
             .limit(limit)
