@@ -165,13 +165,6 @@ def read_nodes_sync(
     return found
 
 
-async def read_nodes(
-    conn: AsyncConnection, keys: Collection[tuple[int, int]]
-) -> dict[tuple[int, int], bytes]:
-    """The stored hashes of the perfect subtrees ``keys`` that exist."""
-    return await conn.run_sync(read_nodes_sync, keys)
-
-
 def _require_nodes_sync(
     conn: Connection, keys: Collection[tuple[int, int]]
 ) -> dict[tuple[int, int], bytes]:

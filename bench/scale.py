@@ -186,22 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         log(f"seeding {args.real} customers through the service")
         ids, key = asyncio.run(seed(data_dir, url, args.real))
         sample = random.Random(7).sample(ids, min(args.sample, len(ids)))
-        result["small"] = {"counts": counts(pg)}
-        server = serve(url, data_dir, args.real, logs)
-        try:
-            result["small"]["gated"] = gated_point(wrk, server, sample, key, root, args)
-            result["small"]["audience"] = stream_audience(server.url, key)
-        finally:
-            server.stop()
+
+        def phase() -> dict[str, Any]:
+            """Counts, then the gated read and the audience stream on a fresh server."""
+            out: dict[str, Any] = {"counts": counts(pg)}
+            server = serve(url, data_dir, args.real, logs)
+            try:
+                out["gated"] = gated_point(wrk, server, sample, key, root, args)
+                out["audience"] = stream_audience(server.url, key)
+            finally:
+                server.stop()
+            return out
+
+        result["small"] = phase()
         log(f"growing to {args.customers:,} customers and {args.chapters:,} chapters")
         result["grow_seconds"] = grow(pg, args.real, args.customers, args.chapters)
-        result["large"] = {"counts": counts(pg)}
-        server = serve(url, data_dir, args.real, logs)
-        try:
-            result["large"]["gated"] = gated_point(wrk, server, sample, key, root, args)
-            result["large"]["audience"] = stream_audience(server.url, key)
-        finally:
-            server.stop()
+        result["large"] = phase()
     finally:
         stop_pg(pg)
     small, large = result["small"]["gated"]["rps"], result["large"]["gated"]["rps"]
