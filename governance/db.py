@@ -70,8 +70,8 @@ class Database:
       loop's own writer connection and only its commit (fsync) in a worker thread
       (see governance.auditlog).
 
-    On PostgreSQL ``read(fn)`` runs ``fn`` through ``AsyncConnection.run_sync``, so
-    the same synchronous code serves both back ends.
+    On PostgreSQL ``read(fn)`` runs ``fn`` through ``AsyncConnection.run_sync`` on an
+    autocommit connection, so the same synchronous code serves both back ends.
     """
 
     def __init__(
@@ -130,6 +130,13 @@ class Database:
         self._reader: Connection | None = None
         self._writer: Connection | None = None
 
+        # The same pool, its connections in autocommit mode while they read (the
+        # level is reset when a connection goes back to the pool).
+        self._read_engine = (
+            self.engine
+            if self.is_sqlite
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time and its busy handler is not fair: under
         # steady load a waiting writer can starve past any timeout. Writers in
@@ -221,7 +228,10 @@ class Database:
         ``run_sync`` on a pooled connection.
         """
         if self.sync_engine is None:
-            async with self.engine.connect() as pooled:
+            # Autocommit: no BEGIN and ROLLBACK round trips around the statements.
+            # Under PostgreSQL's READ COMMITTED each statement takes its own
+            # snapshot inside a transaction too, so what ``fn`` sees is the same.
+            async with self._read_engine.connect() as pooled:
                 return await pooled.run_sync(fn)
         conn = self._reader
         if conn is None or conn.closed or conn.invalidated:
