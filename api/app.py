@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -45,13 +46,23 @@ from policies import PolicyError
 __all__ = ["create_app"]
 
 
-def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Litestar:
+def create_app(
+    settings: Settings | None = None, *, migrate: bool = True, freeze_heap: bool = False
+) -> Litestar:
+    """``freeze_heap`` is for a serving process (one app per process): see lifespan."""
     settings = settings or load_settings()
     vault = StoryVault(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await vault.start(migrate=migrate)
+        if freeze_heap:
+            # What exists once started (modules, the app, the catalog, compiled
+            # statements: ~160,000 objects) lives as long as the process. Frozen,
+            # the collector stops walking it: a full collection took ~95 ms here
+            # before, a pause every request in flight had to wait out.
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:

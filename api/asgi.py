@@ -9,4 +9,4 @@ from api.app import create_app
 
 def app_factory() -> Litestar:
     # The serving command migrates and bootstraps once before workers start.
-    return create_app(migrate=False)
+    return create_app(migrate=False, freeze_heap=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 
-from cachetools import TTLCache
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,7 +18,7 @@ from governance.db import Database
 from governance.keys import KeyRing, KeyRingError
 from governance.models import DATA_KEYS, DataKeyRow
 
-__all__ = ["DataKeys", "dek_aad"]
+__all__ = ["DataKeys", "KeyCache", "dek_aad"]
 
 
 def dek_aad(customer_id: str, scope: str, dek_id: str) -> bytes:
@@ -29,6 +30,56 @@ def dek_aad(customer_id: str, scope: str, dek_id: str) -> bytes:
 _KEYS_FOR_READ = select(
     DATA_KEYS.id, DATA_KEYS.customer_id, DATA_KEYS.scope, DATA_KEYS.kek_version, DATA_KEYS.wrapped
 ).where(DATA_KEYS.id.in_(bindparam("ids", expanding=True)), DATA_KEYS.destroyed_at.is_(None))
+
+
+class KeyCache:
+    """Unwrapped data keys by id: at most ``size`` of them, each for ``ttl`` seconds.
+
+    Oldest first out (insertion order is expiry order, the TTL being one for all).
+    Entries are (expiry, key) tuples in one OrderedDict, which the garbage collector
+    does not traverse entry by entry (an AESGCM object holds no Python references);
+    a linked-list cache of tens of thousands of keys made every full collection,
+    and so the gated read's tail latency, several times longer. Not thread-safe:
+    ``DataKeys`` holds its lock around every call.
+    """
+
+    def __init__(self, size: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if size < 1 or ttl <= 0:
+            raise ValueError("a key cache needs size >= 1 and ttl > 0")
+        self._size = size
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, AESGCM]] = OrderedDict()
+
+    def get(self, dek_id: str) -> AESGCM | None:
+        entry = self._entries.get(dek_id)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._entries[dek_id]
+            return None
+        return entry[1]
+
+    def put(self, dek_id: str, aead: AESGCM) -> None:
+        entries = self._entries
+        now = self._clock()
+        entries.pop(dek_id, None)
+        entries[dek_id] = (now + self._ttl, aead)
+        # Expired ones first (they are the oldest), then the oldest over the bound.
+        while entries:
+            oldest_id, (expires, _) = next(iter(entries.items()))
+            if expires > now and len(entries) <= self._size:
+                break
+            del entries[oldest_id]
+
+    def pop(self, dek_id: str) -> None:
+        self._entries.pop(dek_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
 
 
 class DataKeys:
@@ -52,8 +103,8 @@ class DataKeys:
     ) -> None:
         self.ring = ring
         self.store = store
-        self._cache: TTLCache[str, AESGCM] | None = (
-            TTLCache(maxsize=cache_size, ttl=cache_ttl) if cache_size and cache_ttl else None
+        self._cache: KeyCache | None = (
+            KeyCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
         )
         self._lock = threading.Lock()
         self.hits = 0
@@ -62,13 +113,13 @@ class DataKeys:
     def _remember(self, dek_id: str, aead: AESGCM) -> None:
         if self._cache is not None:
             with self._lock:
-                self._cache[dek_id] = aead
+                self._cache.put(dek_id, aead)
 
     def forget(self, dek_ids: Iterable[str]) -> None:
         if self._cache is not None:
             with self._lock:
                 for dek_id in dek_ids:
-                    self._cache.pop(dek_id, None)
+                    self._cache.pop(dek_id)
 
     async def for_write(self, customer_id: str, scope: str) -> tuple[str, AESGCM]:
         """The live key of (customer, scope), created (and committed) on first use.
@@ -133,7 +184,8 @@ class DataKeys:
         self, customer_id: str, scope: str, dek_id: str, version: int, wrapped: bytes
     ) -> AESGCM:
         if self._cache is not None:
-            cached = self._cache.get(dek_id)
+            with self._lock:
+                cached = self._cache.get(dek_id)
             if cached is not None:
                 self.hits += 1
                 return cached
@@ -147,12 +199,16 @@ class DataKeys:
         found: dict[str, AESGCM] = {}
         missing: list[str] = []
         cache = self._cache
-        for dek_id in dek_ids:
-            aead = cache.get(dek_id) if cache is not None else None
-            if aead is None:
-                missing.append(dek_id)
-            else:
-                found[dek_id] = aead
+        if cache is None:
+            missing = list(dek_ids)
+        else:
+            with self._lock:
+                for dek_id in dek_ids:
+                    aead = cache.get(dek_id)
+                    if aead is None:
+                        missing.append(dek_id)
+                    else:
+                        found[dek_id] = aead
         self.hits += len(found)
         if missing:
             self.misses += len(missing)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event
@@ -23,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
 __all__ = ["Database", "DatabaseBusy", "alembic_config", "upgrade_database"]
 
 T = TypeVar("T")
+log = structlog.get_logger("storyvault.db")
 
 
 class DatabaseBusy(Exception):
@@ -129,6 +132,7 @@ class Database:
             event.listen(self.sync_engine, "connect", _pragmas)
         self._reader: Connection | None = None
         self._writer: Connection | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
 
         # The same pool, its connections in autocommit mode while they read (the
         # level is reset when a connection goes back to the pool).
@@ -187,6 +191,8 @@ class Database:
         if conn is None or conn.closed or conn.invalidated:
             conn = self.sync_engine.connect()
             conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            if self._checkpointer is not None:
+                conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
             conn.commit()
             self._writer = conn
         try:
@@ -251,6 +257,44 @@ class Database:
                 self._reader = None
                 conn.invalidate()
 
+    def start_checkpointer(self, interval: float = 0.5) -> None:
+        """SQLite: copy the write-ahead log into the database file every ``interval``
+        seconds, in a worker thread, instead of in the commit that crosses SQLite's
+        1,000-page mark. That commit used to pay for the copy and its fsync (tens of
+        milliseconds here) while every request waiting on the audit group commit
+        waited with it. A PASSIVE checkpoint never blocks readers or writers."""
+        if self.sync_engine is None or self._checkpointer is not None:
+            return
+        self._checkpointer = asyncio.create_task(self._checkpoint_forever(interval))
+        # The loop's writer connection stops checkpointing from its next opening on
+        # (the service starts this before its first write).
+        if self._writer is not None:
+            self._writer.invalidate()
+            self._writer = None
+
+    async def _checkpoint_forever(self, interval: float) -> None:
+        assert self.sync_engine is not None
+        engine = self.sync_engine
+
+        def checkpoint() -> None:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(checkpoint)
+            except Exception as exc:  # noqa: BLE001 - the next round retries
+                log.warning("sqlite.checkpoint_failed", error=type(exc).__name__)
+
+    async def stop_checkpointer(self) -> None:
+        task, self._checkpointer = self._checkpointer, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     def recycle(self) -> None:
         """Open fresh connections from now on: the loop's own reader and writer are
         dropped and both pools forget their idle connections (connections in use
@@ -267,6 +311,7 @@ class Database:
         await upgrade_database(self.engine)
 
     async def dispose(self) -> None:
+        await self.stop_checkpointer()
         for conn in (self._reader, self._writer):
             if conn is not None:
                 # Closed, not pooled: their pragmas (query_only, no busy wait) are theirs.
