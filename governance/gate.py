@@ -9,7 +9,7 @@ before anything leaves. Any error on the way means nothing is disclosed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,7 +27,7 @@ from governance.keys import KeyRing
 from governance.metrics import count_decisions, count_withheld
 from governance.models import CATEGORY_STATES, CUSTOMERS
 from governance.teams import Principal
-from governance.vault import Vault, story_rows
+from governance.vault import Vault
 from policies import Action, DecisionTable, Mask, PolicyEngine, apply_mask
 
 __all__ = ["AuditSink", "Gate", "GateDecision", "StoryView"]
@@ -48,6 +48,7 @@ _CUSTOMER_AND_CONSENT = Prepared(
     select(
         CUSTOMERS.status,
         CUSTOMERS.restricted,
+        CUSTOMERS.story_version,
         _CONSENT.subject,
         _CONSENT.purpose,
         _CONSENT.state,
@@ -71,7 +72,7 @@ class _Loaded:
 
     status: str
     decision: GateDecision
-    rows: list[Any]
+    rows: Sequence[Any]
 
 
 class AuditSink(Protocol):
@@ -223,7 +224,7 @@ class Gate:
         # data (invoices under the tax law's legal obligation); for others, 404.
         if row is None or (row[0] == "erased" and purpose not in self._hold_purposes):
             raise NotFound("no such customer", code="customer_not_found")
-        status, restricted, subject, consent_purpose, state, since, expires_at = row
+        status, restricted, version, subject, consent_purpose, state, since, expires_at = row
         consent = (
             None
             if state is None
@@ -243,8 +244,8 @@ class Gate:
         # Everything granted (the common case of a broad purpose): the unfiltered
         # statement, which spares expanding a dozen IN parameters per read.
         granted = decision.granted
-        wanted = None if len(granted) == len(self._all_categories) else list(granted)
-        rows = story_rows(conn, customer_id, wanted)
+        wanted = None if len(granted) == len(self._all_categories) else sorted(granted)
+        rows = self.vault.cached_story_rows(conn, customer_id, version, wanted)
         return _Loaded(status=status, decision=decision, rows=rows)
 
     async def read_story(

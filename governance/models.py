@@ -9,7 +9,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, LargeBinary, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    LargeBinary,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
 from sqlmodel import Field, SQLModel
 
@@ -56,6 +65,11 @@ class CustomerRow(SQLModel, table=True):
     # True once any category was erased or put under hold: only then does a read
     # consult category_states (keeps the common read one query shorter).
     restricted: bool = Field(default=False)
+    # Bumped by database triggers on every change to the customer's profile values
+    # or chapters (migration 0003): the gated read's row cache is valid while it is.
+    story_version: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
     created_at: datetime = Field(sa_column=_ts())
     updated_at: datetime = Field(sa_column=_ts())
     erased_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))

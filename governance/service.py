@@ -79,7 +79,9 @@ class StoryVault(Operations, InsightsOperations):
             cache_ttl=settings.dek_cache_ttl,
         )
         watch_key_cache(self.keys)
-        self.vault = Vault(self.ring, self.catalog, self.keys)
+        self.vault = Vault(
+            self.ring, self.catalog, self.keys, row_cache_size=settings.story_cache_size
+        )
         self.teams = Teams(self.ring)
         self.identity = Identity(
             self.ring, code_ttl=settings.login_code_ttl, session_ttl=settings.session_ttl
@@ -152,6 +154,7 @@ class StoryVault(Operations, InsightsOperations):
                 )
             await session.commit()
         await self.refresh_policy_catalog()
+        self.db.start_checkpointer()
         await self.audit_writer.start()
         if fresh and self.settings.demo_data:
             from governance.demo import load_demo

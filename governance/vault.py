@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -163,11 +164,88 @@ def story_rows(
     ]
 
 
+class StoryRowCache:
+    """The sealed rows of recent gated reads, for one process.
+
+    Keyed by (customer, categories read): a read loads only its granted
+    categories, so each purpose's view is an entry of its own. An entry is used
+    only under the customer's ``story_version`` it was loaded at, which the read
+    fetches with the customer row anyway; database triggers bump that version on
+    every change to the customer's profile values or chapters (migration 0003),
+    so a change made through any instance counts from the next read on every
+    instance. The rows stay as stored: ciphertexts, opened per read with keys
+    from the key store's cache (a destroyed key still makes its values vanish).
+    At most ``size`` entries, least recently used out first. Used on the event
+    loop's thread only (``Database.read`` runs there).
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("a story row cache needs size >= 1")
+        self._size = size
+        self._entries: OrderedDict[
+            tuple[str, tuple[str, ...] | None], tuple[int, tuple[Any, ...]]
+        ] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(
+        self, customer_id: str, categories: tuple[str, ...] | None, version: int
+    ) -> tuple[Any, ...] | None:
+        key = (customer_id, categories)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != version:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[1]
+
+    def put(
+        self,
+        customer_id: str,
+        categories: tuple[str, ...] | None,
+        version: int,
+        rows: Sequence[Any],
+    ) -> tuple[Any, ...]:
+        stored = tuple(rows)
+        key = (customer_id, categories)
+        self._entries[key] = (version, stored)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return stored
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Vault:
-    def __init__(self, ring: KeyRing, catalog: Catalog, keys: DataKeys) -> None:
+    def __init__(
+        self, ring: KeyRing, catalog: Catalog, keys: DataKeys, *, row_cache_size: int = 0
+    ) -> None:
         self.ring = ring
         self.catalog = catalog
         self.keys = keys
+        self.row_cache = StoryRowCache(row_cache_size) if row_cache_size > 0 else None
+
+    def cached_story_rows(
+        self, conn: Connection, customer_id: str, version: int, categories: Sequence[str] | None
+    ) -> Sequence[Any]:
+        """``story_rows`` through the row cache (when there is one), for the customer's
+        current ``story_version``. Synchronous: see ``Database.read``."""
+        cache = self.row_cache
+        if cache is None:
+            return story_rows(conn, customer_id, categories)
+        wanted = None if categories is None else tuple(categories)
+        rows = cache.get(customer_id, wanted, version)
+        if rows is None:
+            loaded = story_rows(conn, customer_id, categories)
+            rows = cache.put(customer_id, wanted, version, loaded)
+        return rows
 
     # --- validation ----------------------------------------------------
     def validate_profile(

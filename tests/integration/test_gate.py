@@ -17,17 +17,18 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from api.app import create_app
 from consent import Channel
-from governance.models import CUSTOMERS
+from governance.models import CUSTOMERS, ChapterRow
 from governance.service import StoryVault
 from policies import RuleSpec
 from tests.conftest import ADMIN_KEY, make_settings, remember_personal, wait_for_policy
 from tests.pgserver import PgServer
 
 Headers = dict[str, str]
+CHAPTERS_TABLE = ChapterRow.__table__  # type: ignore[attr-defined]
 Org = dict[str, Headers]
 
 ALL = frozenset(
@@ -838,3 +839,71 @@ async def test_policy_change_reaches_another_instance_within_a_second(
             assert resp.status_code == 204
             await until(a, {"name"})
             assert a.app.state.vault.policy.version == vault_b.policy.version
+
+
+# --- the row cache across instances --------------------------------------------------
+
+
+async def test_story_cache_follows_every_change_on_every_instance(
+    client: AsyncTestClient[Any],
+    org: Org,
+    settings: Any,
+    direct: StoryVault,
+) -> None:
+    """Instance B serves repeated reads from its row cache, and still shows each change
+    made through instance A (a chapter, a profile field) and one made in the database
+    by hand (a deleted chapter) from its very next read."""
+    cid = await full_story(client, org)
+    support = org["support"]
+    app_b = create_app(settings, migrate=False)
+    async with AsyncTestClient(app=app_b, raise_server_exceptions=False) as b:
+        cache = b.app.state.vault.vault.row_cache
+        assert cache is not None
+
+        async def story_on_b() -> dict[str, Any]:
+            resp = await read(b, support, cid, "service.support")
+            assert resp.status_code == 200, resp.text
+            return dict(resp.json())
+
+        first = await story_on_b()
+        hits = cache.hits
+        again = await story_on_b()
+        assert cache.hits == hits + 1  # served from B's cache
+        assert {k: v for k, v in again.items() if k != "audit_index"} == {
+            k: v for k, v in first.items() if k != "audit_index"
+        }
+
+        # A adds a chapter: B shows it on its next read.
+        remember_personal("Replacement pole never arrived")
+        resp = await client.post(
+            f"/v1/customers/{cid}/chapters?purpose=service.support",
+            json={
+                "category": "support.ticket",
+                "kind": "ticket",
+                "occurred_at": "2025-07-01T09:00:00Z",
+                "body": {"subject": "Replacement pole never arrived"},
+            },
+            headers=org["sales"],
+        )
+        assert resp.status_code == 201, resp.text
+        new_chapter = resp.json()["id"]
+        after_add = await story_on_b()
+        assert new_chapter in {c["id"] for c in after_add["chapters"]}
+        assert len(after_add["chapters"]) == len(first["chapters"]) + 1
+
+        # A rectifies a profile field: B shows the new value.
+        remember_personal("Wilhelmina Rectified")
+        resp = await client.patch(
+            f"/v1/customers/{cid}/profile?purpose=service.support",
+            json={"name": "Wilhelmina Rectified"},
+            headers=support,
+        )
+        assert resp.status_code == 204, resp.text
+        assert (await story_on_b())["profile"]["name"] == "Wilhelmina Rectified"
+
+        # An operator deletes a chapter with SQL: the trigger counts it too.
+        async with direct.db.engine.begin() as conn:
+            await conn.execute(delete(CHAPTERS_TABLE).where(CHAPTERS_TABLE.c.id == new_chapter))
+        after_delete = await story_on_b()
+        assert new_chapter not in {c["id"] for c in after_delete["chapters"]}
+        assert len(after_delete["chapters"]) == len(first["chapters"])
