@@ -15,8 +15,6 @@ ids only: ``subject`` is the customer pseudonym, ``detail`` holds non-personal i
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -35,8 +33,7 @@ DetailValue = str | int | bool | None
 _MAX_SAFE_INTEGER = 2**53 - 1
 """RFC 8785 (I-JSON) integers are exact only within ±(2**53 - 1)."""
 
-_ESCAPE = re.compile(r"\\[ubfnrt]")
-"""An escape the stdlib emits for a character outside printable ASCII."""
+_JSON = msgspec.json.Encoder(order="sorted")
 
 
 class EntryKind(StrEnum):
@@ -157,14 +154,15 @@ def _leaf_document(entry: AuditEntry) -> dict[str, Any]:
 def encode_leaf(entry: AuditEntry) -> bytes:
     """The exact bytes the entry's leaf hash covers (RFC 8785 canonical JSON)."""
     document = _leaf_document(entry)
-    # Fast path. When every string is printable ASCII, RFC 8785 output equals the
-    # stdlib's compact, key-sorted JSON: only '"' and '\\' are escaped (alike in
-    # both), code-point key order equals UTF-16 order, and integers were range-checked
-    # above. Any other character makes the stdlib emit an escape (\\u, \\n, ...); then
-    # (or on a mere look-alike) the rfc8785 package encodes, ~20x slower.
-    fast = json.dumps(document, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
-    if not _ESCAPE.search(fast):
-        return fast.encode("ascii")
+    # Fast path. msgspec's compact, key-sorted JSON equals RFC 8785's whenever the
+    # output is ASCII without a single backslash: then no string needed an escape
+    # (both escape only the quote, the backslash and control characters),
+    # key order by code point equals UTF-16 order for ASCII keys, and the only
+    # numbers are integers, range-checked above. Anything else (a quote, a control
+    # character, a non-ASCII letter) goes to the rfc8785 package, ~50x slower.
+    fast = _JSON.encode(document)
+    if fast.isascii() and b"\\" not in fast:
+        return fast
     try:
         return rfc8785.dumps(document)
     except rfc8785.CanonicalizationError as exc:
