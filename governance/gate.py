@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 from sqlalchemy import and_, bindparam, select
 from sqlalchemy.engine import Connection
@@ -27,7 +28,7 @@ from governance.keys import KeyRing
 from governance.metrics import count_decisions, count_withheld
 from governance.models import CATEGORY_STATES, CUSTOMERS
 from governance.teams import Principal
-from governance.vault import Vault
+from governance.vault import Chapter, Vault
 from policies import Action, DecisionTable, Mask, PolicyEngine, apply_mask
 
 __all__ = ["AuditSink", "Gate", "GateDecision", "StoryView"]
@@ -97,7 +98,7 @@ class StoryView:
     customer_id: str
     purpose: str
     profile: dict[str, Any]
-    chapters: list[dict[str, Any]]
+    chapters: list[Chapter]
     withheld: list[dict[str, str]]
     audit_index: int
 
@@ -272,15 +273,11 @@ class Gate:
             name: self._mask(decision.granted[story.profile_categories[name]], value)
             for name, value in story.profile.items()
         }
+        granted = decision.granted
         chapters = [
-            {
-                "id": ch.id,
-                "category": ch.category,
-                "kind": ch.kind,
-                "occurred_at": ch.occurred_at,
-                "author_team": ch.author_team,
-                "body": self._mask(decision.granted[ch.category], ch.body),
-            }
+            ch
+            if granted[ch.category] == Mask.NONE
+            else msgspec.structs.replace(ch, body=self._mask(granted[ch.category], ch.body))
             for ch in story.chapters
         ]
         withheld = [{"category": c, "reason": r} for c, r in decision.withheld]

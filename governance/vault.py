@@ -60,8 +60,10 @@ MAX_VALUE = 1000
 MAX_BODY_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Chapter:
+class Chapter(msgspec.Struct, frozen=True):
+    """One decrypted chapter (a Struct: built 25 times per gated read, several times
+    faster than a frozen dataclass)."""
+
     id: str
     category: str
     kind: str
@@ -497,13 +499,6 @@ class Vault:
                 continue
             body = open_value(aead, sealed, value_aad(customer_id, ref, category, dek_id))
             story.chapters.append(
-                Chapter(
-                    id=ref,
-                    category=category,
-                    kind=kind,
-                    occurred_at=_as_utc(occurred_at),
-                    author_team=author_team,
-                    body=_decode_body(body),
-                )
+                Chapter(ref, category, kind, _as_utc(occurred_at), author_team, _decode_body(body))
             )
         return story

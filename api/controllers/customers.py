@@ -157,7 +157,10 @@ class GatedReadController(Controller):
             customer_id=view.customer_id,
             purpose=view.purpose,
             profile=view.profile,
-            chapters=[StoryChapter(**c) for c in view.chapters],
+            chapters=[
+                StoryChapter(c.id, c.category, c.kind, c.occurred_at, c.author_team, c.body)
+                for c in view.chapters
+            ],
             withheld=[WithheldPart(**w) for w in view.withheld],
             audit_index=view.audit_index,
         )
