@@ -28,6 +28,7 @@ from audit import AppendResult, AuditEntry, BatchLog, EncodedEntry
 
 if TYPE_CHECKING:
     from governance.datakeys import DataKeys
+    from governance.vault import StoryRowCache
 
 __all__ = [
     "AUDIT_BATCH_FAILURES",
@@ -38,6 +39,7 @@ __all__ = [
     "MeasuredBatchLog",
     "count_decisions",
     "watch_key_cache",
+    "watch_story_cache",
 ]
 
 DECISIONS = Counter(
@@ -91,30 +93,43 @@ class MeasuredBatchLog:
         return result
 
 
-class _KeyCacheCollector(Collector):
-    """Reads the hit/miss counts of every live data-key cache when scraped."""
+class _CacheCollector(Collector):
+    """Reads the hit/miss counts of every live cache of one kind when scraped."""
 
-    def __init__(self) -> None:
-        self.caches: weakref.WeakSet[DataKeys] = weakref.WeakSet()
+    def __init__(self, prefix: str, hits_help: str, misses_help: str) -> None:
+        self.caches: weakref.WeakSet[DataKeys | StoryRowCache] = weakref.WeakSet()
+        self._prefix = prefix
+        self._help = (hits_help, misses_help)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         caches = list(self.caches)
-        hits = CounterMetricFamily(
-            "storyvault_key_cache_hits", "Data-key lookups served from the in-memory cache"
-        )
+        hits = CounterMetricFamily(f"{self._prefix}_hits", self._help[0])
         hits.add_metric([], float(sum(c.hits for c in caches)))
-        misses = CounterMetricFamily(
-            "storyvault_key_cache_misses", "Data-key lookups that had to unwrap from the key store"
-        )
+        misses = CounterMetricFamily(f"{self._prefix}_misses", self._help[1])
         misses.add_metric([], float(sum(c.misses for c in caches)))
         yield hits
         yield misses
 
 
-_KEY_CACHE = _KeyCacheCollector()
+_KEY_CACHE = _CacheCollector(
+    "storyvault_key_cache",
+    "Data-key lookups served from the in-memory cache",
+    "Data-key lookups that had to unwrap from the key store",
+)
+_STORY_CACHE = _CacheCollector(
+    "storyvault_story_cache",
+    "Gated reads whose sealed rows came from the row cache (story unchanged)",
+    "Gated reads that loaded the sealed rows from the database",
+)
 REGISTRY.register(_KEY_CACHE)
+REGISTRY.register(_STORY_CACHE)
 
 
 def watch_key_cache(keys: DataKeys) -> None:
     """Include ``keys``' cache counts in ``/metrics`` for as long as it lives."""
     _KEY_CACHE.caches.add(keys)
+
+
+def watch_story_cache(cache: StoryRowCache) -> None:
+    """Include the row cache's counts in ``/metrics`` for as long as it lives."""
+    _STORY_CACHE.caches.add(cache)

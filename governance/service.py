@@ -30,7 +30,7 @@ from governance.identity import CustomerPrincipal, Identity
 from governance.insights import InsightsOperations
 from governance.keys import KeyRing
 from governance.mail import Mailer
-from governance.metrics import MeasuredBatchLog, watch_key_cache
+from governance.metrics import MeasuredBatchLog, watch_key_cache, watch_story_cache
 from governance.models import AppMetaRow
 from governance.operations import Operations
 from governance.rights import Rights
@@ -82,6 +82,8 @@ class StoryVault(Operations, InsightsOperations):
         self.vault = Vault(
             self.ring, self.catalog, self.keys, row_cache_size=settings.story_cache_size
         )
+        if self.vault.row_cache is not None:
+            watch_story_cache(self.vault.row_cache)
         self.teams = Teams(self.ring)
         self.identity = Identity(
             self.ring, code_ttl=settings.login_code_ttl, session_ttl=settings.session_ttl
