@@ -225,15 +225,17 @@ class Database:
         with self.sync_engine.begin() as conn:
             return fn(conn)
 
-    async def read(self, fn: Callable[[Connection], T]) -> T:
+    async def read(self, fn: Callable[[Connection], T], *, bulk: bool = False) -> T:
         """Run the read-only ``fn`` on a connection and return its result.
 
         ``fn`` is synchronous and must not write. On SQLite it runs in place on the
         event loop's own connection, which is left outside any transaction after
         every call (so it never pins an old snapshot); on PostgreSQL through
-        ``run_sync`` on a pooled connection.
+        ``run_sync`` on a pooled connection. ``bulk``: a read long enough to stall
+        the loop (a page of thousands of rows) runs on SQLite in a pooled
+        connection's own thread instead.
         """
-        if self.sync_engine is None:
+        if self.sync_engine is None or bulk:
             # Autocommit: no BEGIN and ROLLBACK round trips around the statements.
             # Under PostgreSQL's READ COMMITTED each statement takes its own
             # snapshot inside a transaction too, so what ``fn`` sees is the same.

@@ -200,7 +200,7 @@ class GatedReadController(Controller):
     ) -> AudiencePage:
         ids, next_cursor = await vault.audience(request.user, purpose, after=cursor, limit=limit)
         return AudiencePage(
-            purpose=purpose, items=[IdItem(id=i) for i in ids], next_cursor=next_cursor
+            purpose=purpose, items=[IdItem(i) for i in ids], next_cursor=next_cursor
         )
 
 
