@@ -867,7 +867,7 @@ def start_backend(backend: str, data_dir: Path) -> tuple[str, Any]:
         return f"sqlite+aiosqlite:///{data_dir / 'storyvault.db'}", None
     from tests.pgserver import start_server as start_pg
 
-    pg = start_pg()
+    pg = start_pg(durable=True)
     return pg.create_database("storyvault"), pg
 
 

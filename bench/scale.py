@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sv-scale-"))
     logs = root / "logs"
     logs.mkdir()
-    pg = start_pg()
+    pg = start_pg(durable=True)
     result: dict[str, Any] = {
         "run_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),

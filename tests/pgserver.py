@@ -40,6 +40,7 @@ class PgServer:
     port: int
     proc: subprocess.Popen[bytes]
     as_user: list[str]
+    durable: bool = False
 
     @property
     def admin_dsn(self) -> str:
@@ -84,7 +85,7 @@ class PgServer:
 
     def restart(self) -> None:
         self.stop()
-        self.proc = _start(self.root, self.port, self.as_user)
+        self.proc = _start(self.root, self.port, self.as_user, durable=self.durable)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -95,8 +96,13 @@ class PgServer:
             self.proc.wait()
 
 
-def _start(root: Path, port: int, as_user: list[str]) -> subprocess.Popen[bytes]:
+def _start(
+    root: Path, port: int, as_user: list[str], *, durable: bool = False
+) -> subprocess.Popen[bytes]:
     data = root / "data"
+    # Tests trade durability for speed (a crash loses nothing they need); the
+    # benchmarks keep PostgreSQL's defaults, so a commit waits for its WAL flush.
+    speed = [] if durable else ["-c", "fsync=off", "-c", "full_page_writes=off"]
     proc = subprocess.Popen(
         [
             *as_user,
@@ -109,10 +115,7 @@ def _start(root: Path, port: int, as_user: list[str]) -> subprocess.Popen[bytes]
             "127.0.0.1",
             "-k",
             str(root),
-            "-c",
-            "fsync=off",
-            "-c",
-            "full_page_writes=off",
+            *speed,
             "-c",
             "max_connections=200",
             "-c",
@@ -139,7 +142,9 @@ def _start(root: Path, port: int, as_user: list[str]) -> subprocess.Popen[bytes]
     raise RuntimeError("postgres did not become ready in 30 s")
 
 
-def start_server() -> PgServer:
+def start_server(*, durable: bool = False) -> PgServer:
+    """A PostgreSQL 15 server in a temporary directory on a loopback port; ``durable``
+    keeps fsync and full-page writes on (benchmarks), tests run without them."""
     root = Path(tempfile.mkdtemp(prefix="storyvault-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:
@@ -162,7 +167,8 @@ def start_server() -> PgServer:
         capture_output=True,
     )
     port = free_port()
-    return PgServer(root=root, port=port, proc=_start(root, port, as_user), as_user=as_user)
+    proc = _start(root, port, as_user, durable=durable)
+    return PgServer(root=root, port=port, proc=proc, as_user=as_user, durable=durable)
 
 
 def stop_server(server: PgServer) -> None:
