@@ -19,16 +19,14 @@ from consent import (
     Channel,
     ConsentEvent,
     ConsentState,
-    LegalBasis,
     UnknownPurpose,
     allowed_condition,
-    audience_query,
     evaluate,
 )
 from governance.errors import Forbidden, InvalidInput, NotFound
 from governance.identity import CustomerPrincipal
 from governance.metrics import CONSENT_EVENTS
-from governance.models import CUSTOMERS, CustomerRow
+from governance.models import CUSTOMERS
 from governance.teams import Principal
 from policies import Action, Explanation, Rule, RuleSpec
 
@@ -48,7 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["ConsentOutcome", "Operations", "PurposeConsent"]
 
 log = structlog.get_logger("storyvault")
-_CONSENT = ConsentState.__table__.c  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,34 +371,18 @@ class Operations:
         self.gate.policy_table(principal, purpose, Action.READ)
         terms = self.ledger.terms(purpose)
         now = self.ledger.now()
-        query: Any
-        if terms.legal_basis == LegalBasis.CONSENT:
-            # Only a live grant lets anyone in: walk the projection's audience index
-            # (purpose, state, subject) from the cursor and look each customer up,
-            # rather than every customer from the cursor with a probe into the
-            # projection (half of them, at the scale benchmark's share, in vain).
-            consent_subject = _CONSENT.subject
-            query = (
-                audience_query(terms, now, after=after or None, limit=limit)
-                .join(CustomerRow.__table__, CUSTOMERS.subject == consent_subject)  # type: ignore[attr-defined]
-                .where(CUSTOMERS.status == "active")
-                .with_only_columns(CUSTOMERS.id, consent_subject)
+        subject_col = CUSTOMERS.subject
+        query = (
+            select(CUSTOMERS.id, subject_col)
+            .where(
+                CUSTOMERS.status == "active",
+                allowed_condition(terms, now, subject_col, after=after or None),
             )
-        else:
-            # Allowed by default (legitimate interest, contract, legal obligation):
-            # every active customer from the cursor, less those who objected.
-            subject_col = CUSTOMERS.subject
-            query = (
-                select(CUSTOMERS.id, subject_col)
-                .where(
-                    CUSTOMERS.status == "active",
-                    allowed_condition(terms, now, subject_col, after=after or None),
-                )
-                .order_by(subject_col)
-                .limit(limit)
-            )
-            if after:
-                query = query.where(subject_col > after)
+            .order_by(subject_col)
+            .limit(limit)
+        )
+        if after:
+            query = query.where(subject_col > after)
         # Plain tuples on a read connection (autocommit on PostgreSQL): no ORM
         # session, no Row objects for a page of up to 10,000 ids.
         rows = await self.db.read(lambda conn: conn.execute(query).all(), bulk=True)
