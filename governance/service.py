@@ -80,7 +80,7 @@ class StoryVault(Operations, InsightsOperations):
         )
         watch_key_cache(self.keys)
         self.vault = Vault(
-            self.ring, self.catalog, self.keys, row_cache_size=settings.story_cache_size
+            self.ring, self.catalog, self.keys, row_cache_rows=settings.story_cache_rows
         )
         if self.vault.row_cache is not None:
             watch_story_cache(self.vault.row_cache)

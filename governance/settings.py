@@ -109,9 +109,9 @@ class Settings:
     """Requests per minute per API key or client address before 429."""
     db_pool_size: int = 32
     """Open connections kept per PostgreSQL database and process."""
-    story_cache_size: int = 10_000
-    """Stories (sealed rows, per customer and categories read) the gated read keeps
-    per process, each valid while the customer's story is unchanged; 0: none."""
+    story_cache_rows: int = 250_000
+    """Sealed story rows the gated read keeps per process (per customer and categories
+    read, each story valid while it is unchanged): ~650 bytes a row; 0: none."""
     insights_k: int = 10
     """Smallest group an aggregate insight may show."""
     retention_interval: float = 3600.0
@@ -188,7 +188,7 @@ def load_settings() -> Settings:
         session_ttl=_int("SESSION_TTL", 3600, low=60, high=86_400 * 30),
         rate_limit_per_minute=_int("RATE_LIMIT_PER_MINUTE", 6000, low=1, high=10_000_000),
         db_pool_size=_int("DB_POOL_SIZE", 32, low=1, high=1000),
-        story_cache_size=_int("STORY_CACHE_SIZE", 10_000, low=0, high=10_000_000),
+        story_cache_rows=_int("STORY_CACHE_ROWS", 250_000, low=0, high=100_000_000),
         insights_k=_int("INSIGHTS_K", 10, low=2, high=1000),
         retention_interval=_float("RETENTION_INTERVAL", 3600.0, low=0.0, high=86_400.0 * 7),
     )

@@ -177,14 +177,17 @@ class StoryRowCache:
     so a change made through any instance counts from the next read on every
     instance. The rows stay as stored: ciphertexts, opened per read with keys
     from the key store's cache (a destroyed key still makes its values vanish).
-    At most ``size`` entries, least recently used out first. Used on the event
-    loop's thread only (``Database.read`` runs there).
+    At most ``max_rows`` rows in all (memory follows rows, not stories: a story
+    can have thousands of chapters), least recently used out first; a story
+    larger than the whole bound is not kept. Used on the event loop's thread
+    only (``Database.read`` runs there).
     """
 
-    def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError("a story row cache needs size >= 1")
-        self._size = size
+    def __init__(self, max_rows: int) -> None:
+        if max_rows < 1:
+            raise ValueError("a story row cache needs max_rows >= 1")
+        self._max_rows = max_rows
+        self._rows = 0
         self._entries: OrderedDict[
             tuple[str, tuple[str, ...] | None], tuple[int, tuple[Any, ...]]
         ] = OrderedDict()
@@ -212,14 +215,26 @@ class StoryRowCache:
     ) -> tuple[Any, ...]:
         stored = tuple(rows)
         key = (customer_id, categories)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._rows -= len(old[1])
+        if len(stored) > self._max_rows:
+            return stored
         self._entries[key] = (version, stored)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        self._rows += len(stored)
+        while self._rows > self._max_rows:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self._rows -= len(evicted)
         return stored
+
+    @property
+    def rows(self) -> int:
+        """Rows held, over all entries."""
+        return self._rows
 
     def clear(self) -> None:
         self._entries.clear()
+        self._rows = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -227,12 +242,12 @@ class StoryRowCache:
 
 class Vault:
     def __init__(
-        self, ring: KeyRing, catalog: Catalog, keys: DataKeys, *, row_cache_size: int = 0
+        self, ring: KeyRing, catalog: Catalog, keys: DataKeys, *, row_cache_rows: int = 0
     ) -> None:
         self.ring = ring
         self.catalog = catalog
         self.keys = keys
-        self.row_cache = StoryRowCache(row_cache_size) if row_cache_size > 0 else None
+        self.row_cache = StoryRowCache(row_cache_rows) if row_cache_rows > 0 else None
 
     def cached_story_rows(
         self, conn: Connection, customer_id: str, version: int, categories: Sequence[str] | None

@@ -77,7 +77,7 @@ def test_key_cache_refuses_a_useless_bound() -> None:
 
 
 def test_row_cache_serves_only_the_version_it_loaded() -> None:
-    cache = StoryRowCache(10)
+    cache = StoryRowCache(100)
     rows = [(0, "name", "identity.name", None, None, None, "dek", b"sealed")]
     assert cache.get("c1", None, 3) is None
     cache.put("c1", None, 3, rows)
@@ -87,14 +87,27 @@ def test_row_cache_serves_only_the_version_it_loaded() -> None:
     assert (cache.hits, cache.misses) == (1, 3)
 
 
-def test_row_cache_keeps_the_most_recently_used() -> None:
-    cache = StoryRowCache(2)
-    cache.put("a", None, 1, [])
-    cache.put("b", None, 1, [])
-    assert cache.get("a", None, 1) == ()  # a is now the most recent
-    cache.put("c", None, 1, [])
+def test_row_cache_keeps_the_most_recently_used_within_its_rows() -> None:
+    cache = StoryRowCache(4)
+    row = (1, "ch", "support.ticket", "ticket", None, "support", "dek", b"sealed")
+    cache.put("a", None, 1, [row, row])
+    cache.put("b", None, 1, [row])
+    assert cache.get("a", None, 1) is not None  # a is now the most recent
+    cache.put("c", None, 1, [row, row])  # 5 rows: b, the least recent, goes
     assert cache.get("b", None, 1) is None
-    assert cache.get("a", None, 1) == ()
-    assert len(cache) == 2
+    assert cache.get("a", None, 1) is not None
+    assert (len(cache), cache.rows) == (2, 4)
+    cache.put("a", None, 2, [row])  # a new version replaces the old entry
+    assert (len(cache), cache.rows) == (2, 3)
     cache.clear()
-    assert len(cache) == 0
+    assert (len(cache), cache.rows) == (0, 0)
+
+
+def test_row_cache_does_not_keep_a_story_larger_than_its_bound() -> None:
+    cache = StoryRowCache(3)
+    row = (1, "ch", "support.ticket", "ticket", None, "support", "dek", b"sealed")
+    cache.put("small", None, 1, [row])
+    assert len(cache.put("huge", None, 1, [row] * 4)) == 4  # served, not kept
+    assert cache.get("huge", None, 1) is None
+    assert cache.get("small", None, 1) is not None
+    assert cache.rows == 1
