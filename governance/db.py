@@ -236,9 +236,10 @@ class Database:
         connection's own thread instead.
         """
         if self.sync_engine is None or bulk:
-            # Autocommit: no BEGIN and ROLLBACK round trips around the statements.
-            # Under PostgreSQL's READ COMMITTED each statement takes its own
-            # snapshot inside a transaction too, so what ``fn`` sees is the same.
+            # PostgreSQL: autocommit, so no BEGIN and ROLLBACK round trips around
+            # the statements (under READ COMMITTED each statement takes its own
+            # snapshot inside a transaction too, so what ``fn`` sees is the same).
+            # SQLite (bulk): a pooled aiosqlite connection, off the loop's thread.
             async with self._read_engine.connect() as pooled:
                 return await pooled.run_sync(fn)
         conn = self._reader
