@@ -90,7 +90,11 @@ def format_timestamp(ts: datetime) -> str:
     """RFC 3339 UTC with exactly six fractional digits, the one form a leaf uses."""
     if ts.tzinfo is None or ts.utcoffset() is None:
         raise InvalidEntry("audit timestamps must be timezone-aware")
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ts = ts.astimezone(UTC)
+    if ts.year < 1000:  # strftime's %Y is not zero-padded; isoformat's year is
+        return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The same text as the strftime form above, a few times faster (once per entry).
+    return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _check_str(name: str, value: object, *, optional: bool = True) -> None:

@@ -40,6 +40,7 @@ from ._models import (
     leaf_bytes,
 )
 from ._projection import (
+    Standing,
     allowed_condition,
     audience_query,
     evaluate,
@@ -98,6 +99,7 @@ __all__ = [
     "PurposeTerms",
     "Reason",
     "ReceiptSigner",
+    "Standing",
     "UniverseRequired",
     "UnknownPurpose",
     "allowed_condition",

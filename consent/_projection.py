@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import cast
+from typing import NamedTuple, cast
 
 from sqlalchemy import ColumnElement, Select, and_, exists, false, not_, or_, select, true
 from sqlmodel import col
@@ -74,7 +74,16 @@ def replay(events: Iterable[ConsentEvent]) -> dict[tuple[str, str], ConsentState
     return states
 
 
-def _effective_expiry(state: ConsentState, terms: PurposeTerms) -> datetime | None:
+class Standing(NamedTuple):
+    """What :func:`evaluate` reads of a ``ConsentState`` row, for a caller that selected
+    those columns itself (the gated read): building the SQLModel row costs more."""
+
+    state: str
+    since: datetime
+    expires_at: datetime | None
+
+
+def _effective_expiry(state: ConsentState | Standing, terms: PurposeTerms) -> datetime | None:
     """The earlier of the stored expiry and ``since + max_age`` under today's terms.
 
     Shortening a purpose's ``max_age`` in the catalog therefore takes effect on
@@ -86,7 +95,9 @@ def _effective_expiry(state: ConsentState, terms: PurposeTerms) -> datetime | No
     return min(candidates) if candidates else None
 
 
-def evaluate(state: ConsentState | None, terms: PurposeTerms, now: datetime) -> Reason | None:
+def evaluate(
+    state: ConsentState | Standing | None, terms: PurposeTerms, now: datetime
+) -> Reason | None:
     """Is processing for ``terms`` allowed for this subject now? None, or why not."""
     basis = terms.legal_basis
     if basis in (LegalBasis.CONTRACT, LegalBasis.LEGAL_OBLIGATION):

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import AuditEntry, EntryKind, Prepared, Withheld
-from consent import ConsentState, Ledger, evaluate
+from consent import ConsentState, Ledger, Standing, evaluate
 from governance.catalog import Catalog
 from governance.db import Database
 from governance.errors import Forbidden, InvalidInput, NotFound
@@ -50,8 +50,6 @@ _CUSTOMER_AND_CONSENT = Prepared(
         CUSTOMERS.status,
         CUSTOMERS.restricted,
         CUSTOMERS.story_version,
-        _CONSENT.subject,
-        _CONSENT.purpose,
         _CONSENT.state,
         _CONSENT.since,
         _CONSENT.expires_at,
@@ -225,18 +223,8 @@ class Gate:
         # data (invoices under the tax law's legal obligation); for others, 404.
         if row is None or (row[0] == "erased" and purpose not in self._hold_purposes):
             raise NotFound("no such customer", code="customer_not_found")
-        status, restricted, version, subject, consent_purpose, state, since, expires_at = row
-        consent = (
-            None
-            if state is None
-            else ConsentState.model_construct(
-                subject=subject,
-                purpose=consent_purpose,
-                state=state,
-                since=since,
-                expires_at=expires_at,
-            )
-        )
+        status, restricted, version, state, since, expires_at = row
+        consent = None if state is None else Standing(state, since, expires_at)
         basis_reason = evaluate(consent, self.ledger.terms(purpose), self.ledger.now())
         decision = self._decision(table, purpose, basis_reason)
         if restricted:

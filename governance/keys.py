@@ -233,12 +233,13 @@ class KeyRing:
 
     def pseudonym(self, customer_id: str) -> str:
         """The subject id used in logs, the ledger and audit entries."""
-        digest = hmac.new(self.derived("pseudonym/v1"), customer_id.encode(), hashlib.sha256)
-        return "sp_" + digest.hexdigest()[:32]
+        # hmac.digest with a digest name is OpenSSL's one-shot HMAC (once per request).
+        digest = hmac.digest(self.derived("pseudonym/v1"), customer_id.encode(), "sha256")
+        return "sp_" + digest.hex()[:32]
 
     def token_digest(self, secret: str) -> str:
         """Digest of a high-entropy secret (API key, session token, one-time code)."""
-        return hmac.new(self.derived("token/v1"), secret.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self.derived("token/v1"), secret.encode(), "sha256").hex()
 
     # --- KEKs ---------------------------------------------------------
     def kek(self, version: int) -> AESGCM:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -65,14 +65,26 @@ CONSENT_EVENTS = Counter(
 )
 
 
+_DECISION_SERIES: dict[tuple[str, str], Any] = {}
+"""``DECISIONS`` children by (action, reason): ``labels()`` costs more than ``inc()``,
+and a gated read counts several reasons. Both are closed sets (actions, reason codes)."""
+
+
+def _decisions(action: str, reason: str) -> Any:
+    series = _DECISION_SERIES.get((action, reason))
+    if series is None:
+        series = _DECISION_SERIES[(action, reason)] = DECISIONS.labels(action=action, reason=reason)
+    return series
+
+
 def count_decisions(action: str, outcome: str, count: int = 1) -> None:
     if count > 0:
-        DECISIONS.labels(action=action, reason=outcome).inc(count)
+        _decisions(action, outcome).inc(count)
 
 
 def count_withheld(action: str, withheld: Iterable[tuple[str, str]]) -> None:
     for _, reason in withheld:
-        DECISIONS.labels(action=action, reason=reason).inc()
+        _decisions(action, reason).inc()
 
 
 class MeasuredBatchLog:

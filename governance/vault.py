@@ -52,7 +52,7 @@ from governance.models import (
     ProfileValueRow,
 )
 
-__all__ = ["Chapter", "Story", "Vault", "story_rows"]
+__all__ = ["Chapter", "SealedRow", "Story", "Vault", "sealed_rows", "story_rows"]
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
 _PHONE = re.compile(r"^\+?[0-9 ()./-]{4,32}$")
@@ -166,6 +166,24 @@ def story_rows(
     ]
 
 
+SealedRow = tuple[int, str, str, Any, Any, Any, str, bytes, bytes]
+"""A row of ``story_rows`` made ready to open: (src, ref, category, kind, occurred_at
+in UTC, author_team, dek_id, sealed value, its associated data); kind, occurred_at and
+author_team are None for a profile value (src 0). Still a ciphertext."""
+
+
+def sealed_rows(customer_id: str, rows: Iterable[Sequence[Any]]) -> tuple[SealedRow, ...]:
+    """``rows`` of ``story_rows`` with the per-row work that does not need a key done
+    once: the value's associated data (``value_aad``) and its time in UTC. The row
+    cache keeps this form, so a cached read only looks up keys and decrypts."""
+    out: list[SealedRow] = []
+    for src, ref, category, kind, occurred_at, author_team, dek_id, sealed in rows:
+        aad = value_aad(customer_id, ref, ref if src == 0 else category, dek_id)
+        when = None if occurred_at is None else _as_utc(occurred_at)
+        out.append((src, ref, category, kind, when, author_team, dek_id, bytes(sealed), aad))
+    return tuple(out)
+
+
 class StoryRowCache:
     """The sealed rows of recent gated reads, for one process.
 
@@ -175,7 +193,7 @@ class StoryRowCache:
     fetches with the customer row anyway; database triggers bump that version on
     every change to the customer's profile values or chapters (migration 0003),
     so a change made through any instance counts from the next read on every
-    instance. The rows stay as stored: ciphertexts, opened per read with keys
+    instance. The rows stay sealed (``sealed_rows``): ciphertexts, opened per read with keys
     from the key store's cache (a destroyed key still makes its values vanish).
     At most ``max_rows`` rows in all (memory follows rows, not stories: a story
     can have thousands of chapters), least recently used out first; a story
@@ -252,15 +270,15 @@ class Vault:
     def cached_story_rows(
         self, conn: Connection, customer_id: str, version: int, categories: Sequence[str] | None
     ) -> Sequence[Any]:
-        """``story_rows`` through the row cache (when there is one), for the customer's
-        current ``story_version``. Synchronous: see ``Database.read``."""
+        """``sealed_rows`` of ``story_rows`` through the row cache (when there is one),
+        for the customer's current ``story_version``. Synchronous: see ``Database.read``."""
         cache = self.row_cache
         if cache is None:
-            return story_rows(conn, customer_id, categories)
+            return sealed_rows(customer_id, story_rows(conn, customer_id, categories))
         wanted = None if categories is None else tuple(categories)
         rows = cache.get(customer_id, wanted, version)
         if rows is None:
-            loaded = story_rows(conn, customer_id, categories)
+            loaded = sealed_rows(customer_id, story_rows(conn, customer_id, categories))
             rows = cache.put(customer_id, wanted, version, loaded)
         return rows
 
@@ -492,28 +510,26 @@ class Vault:
         rows = await session.run_sync(
             lambda s: story_rows(s.connection(), customer_id, wanted, chapter_limit)
         )
-        return await self.open_story(customer_id, customer.status, rows)
+        return await self.open_story(customer_id, customer.status, sealed_rows(customer_id, rows))
 
-    async def open_story(self, customer_id: str, status: str, rows: Sequence[Any]) -> Story:
-        """Decrypt the rows of ``story_rows``; values whose key was destroyed are gone."""
+    async def open_story(self, customer_id: str, status: str, rows: Sequence[SealedRow]) -> Story:
+        """Decrypt the rows of ``sealed_rows``; values whose key was destroyed are gone."""
         story = Story(customer_id=customer_id, status=status)
         if not rows:
             return story
         # Rows are unpacked by position: attribute access on a Row costs about a
         # microsecond each, a fifth of a gated read's decryption work.
         keys = await self.keys.for_read({r[6] for r in rows})
-        for src, ref, category, kind, occurred_at, author_team, dek_id, sealed in rows:
+        for src, ref, category, kind, occurred_at, author_team, dek_id, sealed, aad in rows:
             aead = keys.get(dek_id)
             if aead is None:
                 continue  # its key was destroyed: the value no longer exists
             if src == 0:
-                story.profile[ref] = open_value(
-                    aead, sealed, value_aad(customer_id, ref, ref, dek_id)
-                ).decode()
+                story.profile[ref] = open_value(aead, sealed, aad).decode()
                 story.profile_categories[ref] = category
                 continue
-            body = open_value(aead, sealed, value_aad(customer_id, ref, category, dek_id))
+            body = open_value(aead, sealed, aad)
             story.chapters.append(
-                Chapter(ref, category, kind, _as_utc(occurred_at), author_team, _decode_body(body))
+                Chapter(ref, category, kind, occurred_at, author_team, _decode_body(body))
             )
         return story

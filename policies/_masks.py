@@ -20,7 +20,6 @@ A non-string leaf is masked through its JSON text (``42`` → ``"42"``).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import unicodedata
@@ -46,8 +45,9 @@ def pseudonym(value: str, *, key: bytes) -> str:
     """The keyed pseudonym of ``value`` (see module docstring)."""
     if not isinstance(key, bytes) or len(key) < _MIN_KEY_BYTES:
         raise ValueError(f"pseudonym_key must be at least {_MIN_KEY_BYTES} bytes")
-    digest = hmac.new(key, _HASH_DOMAIN + value.encode("utf-8"), hashlib.sha256).hexdigest()
-    return PSEUDONYM_PREFIX + digest[:_PSEUDONYM_HEX]
+    # hmac.digest with a digest name: OpenSSL's one-shot HMAC, faster than hmac.new.
+    digest = hmac.digest(key, _HASH_DOMAIN + value.encode("utf-8"), "sha256")
+    return PSEUDONYM_PREFIX + digest.hex()[:_PSEUDONYM_HEX]
 
 
 def mask_partial(value: str) -> str:
@@ -89,6 +89,8 @@ def _mask_leaf(mask: Mask, value: str | int | float | bool, key: bytes) -> JsonV
 
 
 def _coerce_mask(mask: Mask | str | None) -> Mask:
+    if type(mask) is Mask:
+        return mask
     if mask is None:
         return Mask.NONE
     try:

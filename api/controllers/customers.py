@@ -10,7 +10,7 @@ import msgspec
 from litestar import Controller, Request, get, patch, post
 from litestar.params import Body, JSONBody, Parameter
 
-from api.auth import require_team
+from api.auth import require_team, team_of
 from api.deps import VaultDep
 from api.middleware import request_id
 from api.schemas import NO_NUL, ChapterCreate, Created, CustomerCreate, CustomerList, IdItem
@@ -138,9 +138,10 @@ class AudiencePage(msgspec.Struct):
 
 
 class GatedReadController(Controller):
+    """The gated read, apart so that it checks its team in the handler (``team_of``)."""
+
     path = "/v1"
     tags = ["customers"]
-    guards = [require_team]
 
     @get("/customers/{customer_id:str}/story", operation_id="readStory")
     async def story(
@@ -151,7 +152,7 @@ class GatedReadController(Controller):
         purpose: Purpose = None,
     ) -> StoryRead:
         view = await vault.read_story(
-            request.user, parse_customer_id(customer_id), purpose, request_id()
+            team_of(request), parse_customer_id(customer_id), purpose, request_id()
         )
         return StoryRead(
             customer_id=view.customer_id,
