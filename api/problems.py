@@ -241,9 +241,11 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[
         )
     # The message of an unexpected error may carry anything; log its type only.
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    orig = getattr(exc, "orig", None)  # a driver's error wrapped by SQLAlchemy
     log.error(
         "request.failed",
         error=type(exc).__name__,
+        cause=None if orig is None else type(orig).__name__,
         route=request.scope.get("path_template"),
         where=[f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in frames],
     )

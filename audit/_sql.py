@@ -1,4 +1,4 @@
-"""Statements prepared once for SQLite's driver, for hot paths.
+"""Statements prepared once for the drivers, for hot paths.
 
 On SQLite a hot statement (an indexed lookup, the audit batch's inserts) runs in
 about 20-100 µs; SQLAlchemy's per-execution work around it (cache key,
@@ -10,6 +10,12 @@ simply runs through SQLAlchemy (``Connection.execute``), and so it does on
 SQLite through an async driver (aiosqlite), whose connection is not the
 standard library's.
 
+It is also compiled once for PostgreSQL's asyncpg: ``rows_pg`` runs it on an
+asyncpg connection directly (asyncpg prepares it once per connection and keeps
+it), without SQLAlchemy's pool checkout, execution context and greenlet bridge,
+which cost several times the statement itself. Driver errors are wrapped as
+SQLAlchemy wraps them, so callers see the same exception types on every path.
+
 It only takes statements whose SQL does not change per execution (no expanding
 ``IN`` parameters) and whose parameters all have names.
 """
@@ -20,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Executable
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -28,6 +35,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 __all__ = ["Prepared"]
 
 _SQLITE = SQLiteDialect_pysqlite()
+_PG = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
 
 _Processor = Callable[[Any], Any] | None
 
@@ -40,7 +48,7 @@ def _direct(conn: Connection) -> bool:
 class Prepared:
     """``stmt`` compiled once for SQLite; see the module docstring."""
 
-    __slots__ = ("_bind", "_defaults", "_names", "_result", "_sql", "stmt")
+    __slots__ = ("_bind", "_defaults", "_names", "_pg", "_result", "_sql", "stmt")
 
     def __init__(self, stmt: Executable, column_keys: Sequence[str] | None = None) -> None:
         self.stmt = stmt
@@ -60,6 +68,7 @@ class Prepared:
             col.type._cached_result_processor(_SQLITE, None)
             for col in getattr(stmt, "selected_columns", ())
         )
+        self._pg: _PgForm | None = None  # compiled on first use (most never run there)
 
     def _args(self, params: Mapping[str, Any]) -> list[Any]:
         args = []
@@ -102,6 +111,40 @@ class Prepared:
             for row in found
         ]
 
+    async def rows_pg(
+        self, conn: Any, params: Mapping[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """``rows`` on an asyncpg connection (PostgreSQL), without SQLAlchemy."""
+        form = self._pg
+        if form is None:
+            form = self._pg = _PgForm(self.stmt)
+        params = params or {}
+        args = []
+        for name, proc in form.bind:
+            value = params[name] if name in params else form.defaults[name]
+            args.append(value if proc is None else proc(value))
+        try:
+            found = await conn.fetch(form.sql, *args)
+        except Exception as exc:  # asyncpg's errors and its connection's OSErrors
+            # A connection lost mid-statement (the server restarted) surfaces as one
+            # of several errors; as SQLAlchemy does, it counts as a disconnect.
+            raise DBAPIError.instance(
+                form.sql,
+                None,
+                exc,
+                Exception,
+                hide_parameters=True,
+                connection_invalidated=conn.is_closed(),
+                dialect=_PG,
+            ) from exc
+        procs = form.result
+        if not any(procs):
+            return [tuple(row) for row in found]
+        return [
+            tuple(v if p is None or v is None else p(v) for p, v in zip(procs, row, strict=True))
+            for row in found
+        ]
+
     def first(
         self, conn: Connection, params: Mapping[str, Any] | None = None
     ) -> tuple[Any, ...] | None:
@@ -123,3 +166,25 @@ class Prepared:
             conn.execute(self.stmt, [dict(r) for r in rows])
             return
         self._run(conn, [self._args(r) for r in rows], many=True).close()
+
+
+class _PgForm:
+    """A statement compiled for asyncpg: SQL with $n parameters, in their order."""
+
+    __slots__ = ("bind", "defaults", "result", "sql")
+
+    def __init__(self, stmt: Executable) -> None:
+        compiled = stmt.compile(dialect=_PG)  # type: ignore[attr-defined]
+        assert isinstance(compiled, SQLCompiler)
+        if compiled.literal_execute_params or compiled.post_compile_params:
+            raise ValueError("a Prepared statement cannot have expanding parameters")
+        self.sql: str = compiled.string
+        self.defaults: dict[str, Any] = dict(compiled.params)
+        self.bind: tuple[tuple[str, _Processor], ...] = tuple(
+            (name, compiled.binds[name].type._cached_bind_processor(_PG))
+            for name in compiled.positiontup or ()
+        )
+        self.result: tuple[_Processor, ...] = tuple(
+            col.type._cached_result_processor(_PG, None)
+            for col in getattr(stmt, "selected_columns", ())
+        )

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
+import asyncpg
 import structlog
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,9 +23,50 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-__all__ = ["Database", "DatabaseBusy", "alembic_config", "upgrade_database"]
+from audit import Prepared
+
+__all__ = [
+    "Database",
+    "DatabaseBusy",
+    "ReadStep",
+    "ReadSteps",
+    "alembic_config",
+    "run_steps",
+    "upgrade_database",
+]
 
 T = TypeVar("T")
+
+ReadStep: TypeAlias = "tuple[Prepared, Mapping[str, Any]] | Callable[[Connection], Any]"
+"""One statement of a read: a ``Prepared`` statement and its parameters (answered with
+its rows as tuples), or a synchronous function of a connection (answered with what it
+returns) for a statement ``Prepared`` cannot take (expanding ``IN`` parameters)."""
+
+ReadSteps: TypeAlias = "Generator[ReadStep, Any, T]"
+"""A read written once for both back ends: a generator that yields its statements and
+receives their results (see ``Database.query``)."""
+
+
+_PG_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+"""What asyncpg raises outside a statement when its server went away."""
+
+
+def run_steps(conn: Connection, steps: ReadSteps[T]) -> T:
+    """Run ``steps`` on a synchronous connection (SQLite in place, or ``run_sync``)."""
+    try:
+        step = next(steps)
+        while True:
+            result = step[0].rows(conn, step[1]) if isinstance(step, tuple) else step(conn)
+            step = steps.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
 log = structlog.get_logger("storyvault.db")
 
 
@@ -133,6 +175,11 @@ class Database:
         self._reader: Connection | None = None
         self._writer: Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
+        # PostgreSQL: asyncpg connections of the hot reads' own (see ``query``).
+        self._pg_pool_size = pool_size
+        self._pg_pool: asyncpg.Pool | None = None
+        self._pg_pool_opening: asyncio.Lock | None = None if self.is_sqlite else asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
 
         # The same pool, its connections in autocommit mode while they read (the
         # level is reset when a connection goes back to the pool).
@@ -260,6 +307,57 @@ class Database:
                 self._reader = None
                 conn.invalidate()
 
+    async def query(self, make: Callable[[], ReadSteps[T]]) -> T:
+        """Run the read-only ``steps`` that ``make`` returns, and return their result.
+
+        On SQLite (and wherever ``read`` would) this is ``read`` with ``run_steps``.
+        On PostgreSQL the ``Prepared`` steps run on an asyncpg connection of this
+        database's own small pool, directly (``Prepared.rows_pg``): measured, a
+        gated read's statements through SQLAlchemy's pool, execution context and
+        greenlet bridge cost several times the statements themselves. Such a
+        connection is in autocommit, as ``read``'s are, so each statement sees what
+        was committed when it started. A function step runs through ``read``.
+        """
+        if self._pg_pool_opening is None:
+            return await self.read(lambda conn: run_steps(conn, make()))
+        pool = self._pg_pool or await self._open_pg_pool()
+        steps = make()
+        try:
+            async with pool.acquire() as pg:
+                try:
+                    step = next(steps)
+                    while True:
+                        if isinstance(step, tuple):
+                            result = await step[0].rows_pg(pg, step[1])
+                        else:
+                            result = await self.read(step)
+                        step = steps.send(result)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+        except _PG_CONNECTION_ERRORS as exc:
+            # Taking a connection, or resetting it when it goes back, met a lost
+            # server: a disconnect, as SQLAlchemy reports one (503 to a client).
+            raise DBAPIError.instance(
+                "(connection)", None, exc, Exception, connection_invalidated=True
+            ) from exc
+
+    async def _open_pg_pool(self) -> asyncpg.Pool:
+        assert self._pg_pool_opening is not None
+        async with self._pg_pool_opening:
+            if self._pg_pool is None:
+                url = self.engine.url.set(drivername="postgresql")
+                try:
+                    self._pg_pool = await asyncpg.create_pool(
+                        url.render_as_string(hide_password=False),
+                        min_size=1,
+                        max_size=self._pg_pool_size,
+                        # As the SQLAlchemy pool: connections renewed every 5 minutes.
+                        max_inactive_connection_lifetime=300,
+                    )
+                except _PG_CONNECTION_ERRORS as exc:
+                    raise OperationalError("connect", None, exc) from exc
+            return self._pg_pool
+
     def start_checkpointer(self, interval: float = 0.5) -> None:
         """SQLite: copy the write-ahead log into the database file every ``interval``
         seconds, in a worker thread, instead of in the commit that crosses SQLite's
@@ -309,6 +407,17 @@ class Database:
         self.engine.sync_engine.dispose(close=False)
         if self.sync_engine is not None:
             self.sync_engine.dispose(close=False)
+        pool, self._pg_pool = self._pg_pool, None
+        if pool is not None:
+            # The next query opens a new pool; this one closes once its connections
+            # are released (or at once if there is no loop to wait on).
+            try:
+                closing = asyncio.get_running_loop().create_task(pool.close())
+            except RuntimeError:
+                pool.terminate()
+            else:
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     async def upgrade(self) -> None:
         await upgrade_database(self.engine)
@@ -323,4 +432,7 @@ class Database:
         self._reader = self._writer = None
         if self.sync_engine is not None:
             self.sync_engine.dispose()
+        pool, self._pg_pool = self._pg_pool, None
+        if pool is not None:
+            await pool.close()
         await self.engine.dispose()

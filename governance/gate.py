@@ -16,13 +16,12 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 from sqlalchemy import and_, bindparam, select
-from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import AuditEntry, EntryKind, Prepared, Withheld
 from consent import ConsentState, Ledger, Standing, evaluate
 from governance.catalog import Catalog
-from governance.db import Database
+from governance.db import Database, ReadSteps
 from governance.errors import Forbidden, InvalidInput, NotFound
 from governance.keys import KeyRing
 from governance.metrics import count_decisions, count_withheld
@@ -60,9 +59,11 @@ _CUSTOMER_AND_CONSENT = Prepared(
     )
     .where(CUSTOMERS.id == bindparam("customer_id"))
 )
-_CATEGORY_STATES = select(
-    CATEGORY_STATES.category, CATEGORY_STATES.state, CATEGORY_STATES.hold_purpose
-).where(CATEGORY_STATES.customer_id == bindparam("customer_id"))
+_CATEGORY_STATES = Prepared(
+    select(CATEGORY_STATES.category, CATEGORY_STATES.state, CATEGORY_STATES.hold_purpose).where(
+        CATEGORY_STATES.customer_id == bindparam("customer_id")
+    )
+)
 
 
 @dataclass(slots=True)
@@ -212,13 +213,12 @@ class Gate:
             return value
         return apply_mask(mask, value, pseudonym_key=self._mask_key)
 
-    def _load(
-        self, conn: Connection, table: DecisionTable, customer_id: str, purpose: str
-    ) -> _Loaded:
-        """The read's whole database visit, synchronous (``Database.read``): the
-        customer and consent standing, the category states if any were erased or
-        held, then exactly the granted parts' sealed rows."""
-        row = _CUSTOMER_AND_CONSENT.first(conn, {"customer_id": customer_id, "purpose": purpose})
+    def _load(self, table: DecisionTable, customer_id: str, purpose: str) -> ReadSteps[_Loaded]:
+        """The read's whole database visit (``Database.query``): the customer and
+        consent standing, the category states if any were erased or held, then
+        exactly the granted parts' sealed rows."""
+        found = yield (_CUSTOMER_AND_CONSENT, {"customer_id": customer_id, "purpose": purpose})
+        row = found[0] if found else None
         # An erased customer exists only for the purposes that hold some of their
         # data (invoices under the tax law's legal obligation); for others, 404.
         if row is None or (row[0] == "erased" and purpose not in self._hold_purposes):
@@ -228,13 +228,13 @@ class Gate:
         basis_reason = evaluate(consent, self.ledger.terms(purpose), self.ledger.now())
         decision = self._decision(table, purpose, basis_reason)
         if restricted:
-            states = conn.execute(_CATEGORY_STATES, {"customer_id": customer_id})
+            states = yield (_CATEGORY_STATES, {"customer_id": customer_id})
             self._apply_category_states(states, decision)
         # Everything granted (the common case of a broad purpose): the unfiltered
         # statement, which spares expanding a dozen IN parameters per read.
         granted = decision.granted
         wanted = None if len(granted) == len(self._all_categories) else sorted(granted)
-        rows = self.vault.cached_story_rows(conn, customer_id, version, wanted)
+        rows = yield from self.vault.cached_story_rows(customer_id, version, wanted)
         return _Loaded(status=status, decision=decision, rows=rows)
 
     async def read_story(
@@ -253,7 +253,7 @@ class Gate:
             raise
         # One visit to the database (no connection is held past it, in particular
         # not while waiting for the audit group commit, which needs one itself).
-        loaded = await db.read(lambda conn: self._load(conn, table, customer_id, purpose))
+        loaded = await db.query(lambda: self._load(table, customer_id, purpose))
         decision = loaded.decision
         subject = self.ring.pseudonym(customer_id)
         story = await self.vault.open_story(customer_id, loaded.status, loaded.rows)

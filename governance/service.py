@@ -410,7 +410,7 @@ class StoryVault(Operations, InsightsOperations):
 
     # --- teams and keys ------------------------------------------------------
     async def authenticate_team(self, secret: str) -> Principal | None:
-        return await self.db.read(lambda conn: self.teams.authenticate(conn, secret))
+        return await self.db.query(lambda: self.teams.authenticate(secret))
 
     async def authenticate_customer(self, token: str) -> CustomerPrincipal | None:
         async with self.db.session() as session:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import Prepared
+from governance.db import ReadSteps
 from governance.errors import Conflict, InvalidInput, NotFound
 from governance.keys import KeyRing
 from governance.models import API_KEYS, TEAMS, ApiKeyRow, TeamRow
@@ -143,17 +143,17 @@ class Teams:
         if getattr(result, "rowcount", 0) == 0:
             raise NotFound("no such active key", code="key_not_found")
 
-    def authenticate(self, conn: Connection, secret: str) -> Principal | None:
-        """The principal of an API key, or None (unknown or revoked). Synchronous, for
-        ``Database.read``: it runs on every team request, and no cache stands between
-        it and the keys table, so a revocation holds from the next request on every
-        instance."""
+    def authenticate(self, secret: str) -> ReadSteps[Principal | None]:
+        """The principal of an API key, or None (unknown or revoked): steps for
+        ``Database.query``. It runs on every team request, and no cache stands
+        between it and the keys table, so a revocation holds from the next request
+        on every instance."""
         if not secret or len(secret) > 512:
             return None
-        row = _KEY_LOOKUP.first(conn, {"digest": self.ring.token_digest(secret)})
-        if row is None:
+        found = yield (_KEY_LOOKUP, {"digest": self.ring.token_digest(secret)})
+        if not found:
             return None
-        key_id, team, revoked_at, roles = row
+        key_id, team, revoked_at, roles = found[0]
         if revoked_at is not None:
             return None
         return Principal(

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from audit import Prepared
 from governance.catalog import Catalog
 from governance.datakeys import DataKeys
+from governance.db import ReadStep, ReadSteps
 from governance.errors import InvalidInput, NotFound
 from governance.keys import KeyRing, open_value, seal_value, value_aad
 from governance.models import (
@@ -52,7 +53,15 @@ from governance.models import (
     ProfileValueRow,
 )
 
-__all__ = ["Chapter", "SealedRow", "Story", "Vault", "sealed_rows", "story_rows"]
+__all__ = [
+    "Chapter",
+    "SealedRow",
+    "Story",
+    "Vault",
+    "sealed_rows",
+    "story_rows",
+    "story_rows_step",
+]
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
 _PHONE = re.compile(r"^\+?[0-9 ()./-]{4,32}$")
@@ -166,6 +175,15 @@ def story_rows(
     ]
 
 
+def story_rows_step(customer_id: str, categories: Sequence[str] | None = None) -> ReadStep:
+    """``story_rows`` as a step of ``Database.query``: the prepared statement when all
+    categories are read, else ``story_rows`` itself (expanding parameters)."""
+    if categories is None:
+        return (_STORY_ALL, {"customer_id": customer_id})
+    wanted = list(categories)
+    return lambda conn: story_rows(conn, customer_id, wanted)
+
+
 SealedRow = tuple[int, str, str, Any, Any, Any, str, bytes, bytes]
 """A row of ``story_rows`` made ready to open: (src, ref, category, kind, occurred_at
 in UTC, author_team, dek_id, sealed value, its associated data); kind, occurred_at and
@@ -268,19 +286,20 @@ class Vault:
         self.row_cache = StoryRowCache(row_cache_rows) if row_cache_rows > 0 else None
 
     def cached_story_rows(
-        self, conn: Connection, customer_id: str, version: int, categories: Sequence[str] | None
-    ) -> Sequence[Any]:
+        self, customer_id: str, version: int, categories: Sequence[str] | None
+    ) -> ReadSteps[Sequence[SealedRow]]:
         """``sealed_rows`` of ``story_rows`` through the row cache (when there is one),
-        for the customer's current ``story_version``. Synchronous: see ``Database.read``."""
+        for the customer's current ``story_version``: steps for ``Database.query``."""
         cache = self.row_cache
-        if cache is None:
-            return sealed_rows(customer_id, story_rows(conn, customer_id, categories))
         wanted = None if categories is None else tuple(categories)
-        rows = cache.get(customer_id, wanted, version)
-        if rows is None:
-            loaded = sealed_rows(customer_id, story_rows(conn, customer_id, categories))
-            rows = cache.put(customer_id, wanted, version, loaded)
-        return rows
+        if cache is not None:
+            rows = cache.get(customer_id, wanted, version)
+            if rows is not None:
+                return rows
+        loaded = sealed_rows(customer_id, (yield story_rows_step(customer_id, categories)))
+        if cache is None:
+            return loaded
+        return cache.put(customer_id, wanted, version, loaded)
 
     # --- validation ----------------------------------------------------
     def validate_profile(

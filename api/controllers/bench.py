@@ -10,12 +10,14 @@ floor the gated read is compared with; it never runs in production.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import msgspec
 from litestar import Controller, get
 
 from api.deps import VaultDep
-from governance.vault import story_rows
+from governance.db import ReadSteps
+from governance.vault import story_rows_step
 
 __all__ = ["BenchController"]
 
@@ -43,6 +45,11 @@ class StoredStory(msgspec.Struct):
     chapters: list[StoredChapter]
 
 
+def _rows(customer_id: str) -> ReadSteps[list[Any]]:
+    rows: list[Any] = yield story_rows_step(customer_id)
+    return rows
+
+
 class BenchController(Controller):
     path = "/bench"
     tags = ["benchmark"]
@@ -50,8 +57,8 @@ class BenchController(Controller):
 
     @get("/bare/{customer_id:str}", operation_id="benchBareRead", exclude_from_auth=True)
     async def bare(self, vault: VaultDep, customer_id: str) -> StoredStory:
-        # The gated read's own statement, connection and driver (Database.read).
-        rows = await vault.db.read(lambda conn: story_rows(conn, customer_id))
+        # The gated read's own statement, connection and driver (Database.query).
+        rows = await vault.db.query(lambda: _rows(customer_id))
         profile: list[StoredValue] = []
         chapters: list[StoredChapter] = []
         for src, ref, category, kind, occurred_at, author_team, dek_id, sealed in rows:
