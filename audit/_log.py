@@ -18,13 +18,28 @@ head commit together, so the newest head always covers every stored leaf.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import ColumnElement, Row, and_, delete, false, func, insert, or_, select, text
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Row,
+    SmallInteger,
+    and_,
+    bindparam,
+    delete,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -63,6 +78,7 @@ _SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 
 # The append's statements, built once (it runs for every batch of the group commit).
 _PG_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_PG_LOCK_PREPARED = Prepared(select(func.pg_advisory_xact_lock(bindparam("k", type_=BigInteger))))
 _SQLITE_LOCK = Prepared(delete(tree_heads).where(false()))
 _LAST_HEAD = Prepared(
     select(tree_heads.c.tree_size, tree_heads.c.timestamp_ms, tree_heads.c.root_hash)
@@ -72,6 +88,18 @@ _LAST_HEAD = Prepared(
 _INSERT_ENTRIES = Prepared(insert(entries), [c.name for c in entries.c])
 _INSERT_NODES = Prepared(insert(nodes), [c.name for c in nodes.c])
 _INSERT_HEAD = Prepared(insert(tree_heads), [c.name for c in tree_heads.c])
+# PostgreSQL only (``append_pg``): the stored hashes of the given subtrees, in one
+# statement over two arrays instead of one OR term per subtree.
+_NODES_BY_KEY = Prepared(
+    text(
+        "SELECT n.level, n.node_index, n.hash FROM audit_nodes AS n"
+        " JOIN unnest(:levels, :indexes) AS k(level, node_index)"
+        " ON n.level = k.level AND n.node_index = k.node_index"
+    ).bindparams(
+        bindparam("levels", type_=ARRAY(SmallInteger)),
+        bindparam("indexes", type_=ARRAY(BigInteger)),
+    )
+)
 
 
 def _utc_now() -> datetime:
@@ -162,6 +190,25 @@ def read_nodes_sync(
             select(nodes.c.level, nodes.c.node_index, nodes.c.hash).where(condition)
         )
         found.update(((r.level, r.node_index), bytes(r.hash)) for r in rows)
+    return found
+
+
+_Step = tuple[Any, ...]
+"""A statement of ``TransparencyLog._append_steps``: ("lock",), ("rows", Prepared,
+params), ("nodes", keys) or ("many", Prepared, rows)."""
+
+
+async def _require_nodes_pg(
+    conn: Any, keys: Collection[tuple[int, int]]
+) -> dict[tuple[int, int], bytes]:
+    """``_require_nodes_sync`` on an asyncpg connection: one statement over arrays."""
+    wanted = sorted(set(keys))
+    rows = await _NODES_BY_KEY.rows_pg(
+        conn, {"levels": [lv for lv, _ in wanted], "indexes": [ix for _, ix in wanted]}
+    )
+    found = {(lv, ix): bytes(h) for lv, ix, h in rows}
+    if len(found) != len(wanted):
+        raise LogStateConflict("the stored tree lacks subtree hashes it should have")
     return found
 
 
@@ -263,25 +310,73 @@ class TransparencyLog:
             raise ValueError("an append needs at least one entry")
         return await conn.run_sync(self._append_sync, encoded)
 
-    def _sequence(self, conn: Connection) -> None:
-        if self._dialect == "postgresql":
-            conn.execute(_PG_LOCK, {"k": self._lock_id})
-        else:
-            _SQLITE_LOCK.execute(conn)
-
     def _append_sync(self, conn: Connection, batch: list[EncodedEntry]) -> AppendResult:
         """The append itself, on the caller's transaction (synchronous: on a sync
         connection, or through ``run_sync`` on an async one)."""
-        self._sequence(conn)
+        steps = self._append_steps(batch)
+        try:
+            step = next(steps)
+            while True:
+                kind = step[0]
+                result: Any = None
+                if kind == "lock":
+                    if self._dialect == "postgresql":
+                        conn.execute(_PG_LOCK, {"k": self._lock_id})
+                    else:
+                        _SQLITE_LOCK.execute(conn)
+                elif kind == "rows":
+                    result = step[1].rows(conn, step[2])
+                elif kind == "nodes":
+                    result = _require_nodes_sync(conn, step[1])
+                else:
+                    step[1].execute_many(conn, step[2])
+                step = steps.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def append_pg(
+        self, conn: Any, batch: Sequence[AuditEntry | EncodedEntry]
+    ) -> AppendResult:
+        """``append_in`` on an asyncpg connection of the log's PostgreSQL database,
+        inside the caller's transaction on it, without SQLAlchemy (the statements
+        are the same; see ``audit._sql``). The caller commits."""
+        if self._dialect != "postgresql":
+            raise ValueError("append_pg is for a log on PostgreSQL")
+        encoded = [EncodedEntry.of(e) for e in batch]
+        if not encoded:
+            raise ValueError("an append needs at least one entry")
+        steps = self._append_steps(encoded)
+        try:
+            step = next(steps)
+            while True:
+                kind = step[0]
+                result: Any = None
+                if kind == "lock":
+                    await _PG_LOCK_PREPARED.rows_pg(conn, {"k": self._lock_id})
+                elif kind == "rows":
+                    result = await step[1].rows_pg(conn, step[2])
+                elif kind == "nodes":
+                    result = await _require_nodes_pg(conn, step[1])
+                else:
+                    await step[1].execute_many_pg(conn, step[2])
+                step = steps.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _append_steps(self, batch: list[EncodedEntry]) -> Generator[_Step, Any, AppendResult]:
+        """The append, written once for both drivers: it yields its statements
+        (``_Step``) and receives their results."""
+        yield ("lock",)
         # Read the state only inside the lock: it is the state this batch extends.
-        last = _LAST_HEAD.first(conn)
+        found_head = yield ("rows", _LAST_HEAD, {})
+        last = found_head[0] if found_head else None
         size, last_ms, last_root = (last[0], last[1], bytes(last[2])) if last else (0, 0, b"")
         memo = self._edge_memo
         if memo is not None and memo[0] == size and memo[1] == last_root:
             edge = CompactRange(size, memo[2])
         else:
             edge_keys = CompactRange.edge_nodes(size)
-            found = _require_nodes_sync(conn, edge_keys)
+            found = yield ("nodes", edge_keys)
             edge = CompactRange(size, {lv: found[(lv, ix)] for lv, ix in edge_keys})
 
         entry_rows: list[dict[str, Any]] = []
@@ -304,21 +399,24 @@ class TransparencyLog:
             node_rows.extend(
                 {"level": lv, "node_index": ix, "hash": h} for lv, ix, h in edge.append(hashed)
             )
-        _INSERT_ENTRIES.execute_many(conn, entry_rows)
-        _INSERT_NODES.execute_many(conn, node_rows)
+        yield ("many", _INSERT_ENTRIES, entry_rows)
+        yield ("many", _INSERT_NODES, node_rows)
 
         # Tree-head timestamps never go backwards, even if the clock does.
         timestamp_ms = max(int(self._clock().timestamp() * 1000), last_ms)
         head = sign_tree_head(self._signing_key, self._key_id, edge.size, edge.root(), timestamp_ms)
-        _INSERT_HEAD.execute(
-            conn,
-            {
-                "tree_size": head.tree_size,
-                "root_hash": head.root_hash,
-                "timestamp_ms": head.timestamp_ms,
-                "signature": head.signature,
-                "key_id": head.key_id,
-            },
+        yield (
+            "many",
+            _INSERT_HEAD,
+            [
+                {
+                    "tree_size": head.tree_size,
+                    "root_hash": head.root_hash,
+                    "timestamp_ms": head.timestamp_ms,
+                    "signature": head.signature,
+                    "key_id": head.key_id,
+                }
+            ],
         )
         self._edge_memo = (head.tree_size, head.root_hash, edge.edge())
         return AppendResult(size, head)

@@ -111,32 +111,18 @@ class Prepared:
             for row in found
         ]
 
+    def _pg_form(self) -> _PgForm:
+        form = self._pg
+        if form is None:
+            form = self._pg = _PgForm(self.stmt)
+        return form
+
     async def rows_pg(
         self, conn: Any, params: Mapping[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
         """``rows`` on an asyncpg connection (PostgreSQL), without SQLAlchemy."""
-        form = self._pg
-        if form is None:
-            form = self._pg = _PgForm(self.stmt)
-        params = params or {}
-        args = []
-        for name, proc in form.bind:
-            value = params[name] if name in params else form.defaults[name]
-            args.append(value if proc is None else proc(value))
-        try:
-            found = await conn.fetch(form.sql, *args)
-        except Exception as exc:  # asyncpg's errors and its connection's OSErrors
-            # A connection lost mid-statement (the server restarted) surfaces as one
-            # of several errors; as SQLAlchemy does, it counts as a disconnect.
-            raise DBAPIError.instance(
-                form.sql,
-                None,
-                exc,
-                Exception,
-                hide_parameters=True,
-                connection_invalidated=conn.is_closed(),
-                dialect=_PG,
-            ) from exc
+        form = self._pg_form()
+        found = await _pg_call(conn, form.sql, conn.fetch, form.sql, *form.args(params or {}))
         procs = form.result
         if not any(procs):
             return [tuple(row) for row in found]
@@ -144,6 +130,18 @@ class Prepared:
             tuple(v if p is None or v is None else p(v) for p, v in zip(procs, row, strict=True))
             for row in found
         ]
+
+    async def execute_pg(self, conn: Any, params: Mapping[str, Any] | None = None) -> None:
+        """``execute`` on an asyncpg connection."""
+        form = self._pg_form()
+        await _pg_call(conn, form.sql, conn.execute, form.sql, *form.args(params or {}))
+
+    async def execute_many_pg(self, conn: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+        """``execute_many`` on an asyncpg connection (pipelined by asyncpg)."""
+        if not rows:
+            return
+        form = self._pg_form()
+        await _pg_call(conn, form.sql, conn.executemany, form.sql, [form.args(r) for r in rows])
 
     def first(
         self, conn: Connection, params: Mapping[str, Any] | None = None
@@ -168,6 +166,25 @@ class Prepared:
         self._run(conn, [self._args(r) for r in rows], many=True).close()
 
 
+async def _pg_call(conn: Any, sql: str, method: Any, *args: Any) -> Any:
+    """``method(*args)`` of an asyncpg connection, its errors wrapped as SQLAlchemy
+    wraps them (parameters kept out of the message). A connection lost
+    mid-statement (the server restarted) surfaces as one of several errors; as
+    SQLAlchemy does, it then counts as a disconnect."""
+    try:
+        return await method(*args)
+    except Exception as exc:  # asyncpg's errors and its connection's OSErrors
+        raise DBAPIError.instance(
+            sql,
+            None,
+            exc,
+            Exception,
+            hide_parameters=True,
+            connection_invalidated=conn.is_closed(),
+            dialect=_PG,
+        ) from exc
+
+
 class _PgForm:
     """A statement compiled for asyncpg: SQL with $n parameters, in their order."""
 
@@ -188,3 +205,10 @@ class _PgForm:
             col.type._cached_result_processor(_PG, None)
             for col in getattr(stmt, "selected_columns", ())
         )
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        args = []
+        for name, proc in self.bind:
+            value = params[name] if name in params else self.defaults[name]
+            args.append(value if proc is None else proc(value))
+        return args

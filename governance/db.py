@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
@@ -339,6 +339,22 @@ class Database:
             # server: a disconnect, as SQLAlchemy reports one (503 to a client).
             raise DBAPIError.instance(
                 "(connection)", None, exc, Exception, connection_invalidated=True
+            ) from exc
+
+    async def pg_transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """PostgreSQL: ``await fn(conn)`` in a transaction on an asyncpg connection of
+        ``query``'s pool, committed if it returns; driver errors as in ``query``."""
+        if self._pg_pool_opening is None:
+            raise ValueError("pg_transaction is for PostgreSQL")
+        pool = self._pg_pool or await self._open_pg_pool()
+        try:
+            async with pool.acquire() as pg, pg.transaction():
+                return await fn(pg)
+        except _PG_CONNECTION_ERRORS as exc:
+            # BEGIN, COMMIT, or taking or resetting the connection met a lost server
+            # (a statement's own error arrives wrapped already): a disconnect.
+            raise DBAPIError.instance(
+                "(transaction)", None, exc, Exception, connection_invalidated=True
             ) from exc
 
     async def _open_pg_pool(self) -> asyncpg.Pool:

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from audit import AuditEntry, AuditWriter, BatchLog, EntryKind, TransparencyLog
 from consent import Ledger, PurposeTerms, ReceiptSigner
 from consent import LegalBasis as ConsentBasis
-from governance.auditlog import InlineSqliteLog
+from governance.auditlog import InlineSqliteLog, PgBatchLog
 from governance.catalog import Catalog, load_catalog
 from governance.datakeys import DataKeys, check_ring_fits
 from governance.db import Database
@@ -96,11 +96,13 @@ class StoryVault(Operations, InsightsOperations):
             signing.private, signing.kid, controller={"name": "Story Vault", "contact": "privacy"}
         )
         self.audit_log = TransparencyLog(self.db.engine, signing.private, signing.kid)
-        batch_log: BatchLog = (
-            self.audit_log
-            if self.db.sync_engine is None
-            else InlineSqliteLog(self.audit_log, self.db)
-        )
+        batch_log: BatchLog
+        if self.db.sync_engine is not None:
+            batch_log = InlineSqliteLog(self.audit_log, self.db)
+        elif self.db.dialect == "postgresql":
+            batch_log = PgBatchLog(self.audit_log, self.db)
+        else:
+            batch_log = self.audit_log  # SQLite in memory (tests)
         self.audit_writer = AuditWriter(
             MeasuredBatchLog(batch_log), max_delay=settings.audit_batch_ms / 1000.0
         )

@@ -266,9 +266,11 @@ async def test_a_read_whose_audit_write_fails_discloses_nothing(
         def broken_sync(*_: Any, **__: Any) -> Any:
             raise ConnectionError("database went away")
 
-        # The group commit appends through the async engine (PostgreSQL) or, on
-        # SQLite, on the loop's own connection (append_sync): break both.
+        # The group commit appends on an asyncpg connection (PostgreSQL,
+        # append_pg) or, on SQLite, on the loop's own connection (append_sync);
+        # the async engine's append serves an in-memory database: break all three.
         monkeypatch.setattr(vault.audit_log, "append", broken)
+        monkeypatch.setattr(vault.audit_log, "append_pg", broken)
         monkeypatch.setattr(vault.audit_log, "append_sync", broken_sync)
     resp = await client.get(READ.format(cid), headers=org["support"])
     assert resp.status_code == 503, resp.text

@@ -7,6 +7,7 @@ import random
 from datetime import timedelta
 from types import SimpleNamespace
 
+import asyncpg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
@@ -248,3 +249,45 @@ def test_unsupported_dialect_is_refused(signing_key: Ed25519PrivateKey) -> None:
     engine = SimpleNamespace(dialect=SimpleNamespace(name="mysql"))
     with pytest.raises(ValueError, match="runs on"):
         TransparencyLog(engine, signing_key, "k")  # type: ignore[arg-type]
+
+
+@pytest.mark.postgres
+async def test_asyncpg_appends_extend_the_same_tree(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """``append_pg`` (asyncpg, no SQLAlchemy) and ``append`` build one tree: batches
+    alternate between them and a fresh log object, whose first append must read the
+    right edge from the stored nodes; every root equals a full recomputation."""
+    audit_engine = create_async_engine(audit_pg_url)
+    await kit.prepare_schema(audit_engine)
+    dsn = audit_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn)
+    try:
+        hashes: list[bytes] = []
+        for round_, size in enumerate([1, 2, 5, 8, 3, 16, 1, 7]):
+            start = len(hashes)
+            batch = [kit.make_entry(start + i) for i in range(size)]
+            if round_ % 3 == 0:
+                result = await TransparencyLog(audit_engine, signing_key, kit.key_id).append(batch)
+            else:
+                # a new object each time: its edge memo is empty, so it reads the nodes
+                log = TransparencyLog(audit_engine, signing_key, kit.key_id)
+                async with conn.transaction():
+                    result = await log.append_pg(conn, batch)
+                    if round_ % 2:  # and a second batch on the same object uses its memo
+                        hashes += [leaf_hash(_leaf(kit, start + i)) for i in range(size)]
+                        start = len(hashes)
+                        batch = [kit.make_entry(start + i) for i in range(size)]
+                        result = await log.append_pg(conn, batch)
+            assert result.indexes == range(start, start + size)
+            hashes += [leaf_hash(_leaf(kit, start + i)) for i in range(size)]
+            assert result.tree_head.root_hash == merkle_tree_hash(hashes)
+        with pytest.raises(ValueError, match="at least one entry"):
+            async with conn.transaction():
+                await TransparencyLog(audit_engine, signing_key, kit.key_id).append_pg(conn, [])
+        report = await verify_log(audit_engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert report.entries_checked == len(hashes)
+    finally:
+        await conn.close()
+        await audit_engine.dispose()
