@@ -53,7 +53,11 @@ _PG_CONNECTION_ERRORS = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.InternalClientError,
 )
-"""What asyncpg raises outside a statement when its server went away."""
+"""What asyncpg raises outside a statement when its server went away (TimeoutError,
+an OSError, included: no connection came free in time)."""
+
+_PG_ACQUIRE_TIMEOUT = 30.0
+"""Seconds to wait for a connection of the asyncpg pool, as SQLAlchemy's pool waits."""
 
 
 def run_steps(conn: Connection, steps: ReadSteps[T]) -> T:
@@ -323,7 +327,7 @@ class Database:
         pool = self._pg_pool or await self._open_pg_pool()
         steps = make()
         try:
-            async with pool.acquire() as pg:
+            async with pool.acquire(timeout=_PG_ACQUIRE_TIMEOUT) as pg:
                 try:
                     step = next(steps)
                     while True:
@@ -348,7 +352,7 @@ class Database:
             raise ValueError("pg_transaction is for PostgreSQL")
         pool = self._pg_pool or await self._open_pg_pool()
         try:
-            async with pool.acquire() as pg, pg.transaction():
+            async with pool.acquire(timeout=_PG_ACQUIRE_TIMEOUT) as pg, pg.transaction():
                 return await fn(pg)
         except _PG_CONNECTION_ERRORS as exc:
             # BEGIN, COMMIT, or taking or resetting the connection met a lost server
