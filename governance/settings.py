@@ -111,7 +111,7 @@ class Settings:
     """Open connections kept per PostgreSQL database and process."""
     story_cache_rows: int = 250_000
     """Sealed story rows the gated read keeps per process (per customer and categories
-    read, each story valid while it is unchanged): ~650 bytes a row; 0: none."""
+    read, each story valid while it is unchanged): ~825 bytes a row; 0: none."""
     insights_k: int = 10
     """Smallest group an aggregate insight may show."""
     retention_interval: float = 3600.0
