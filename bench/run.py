@@ -912,9 +912,13 @@ def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str])
         "decrypts and discloses the whole story (~25 values) and appends a durable audit entry.",
         "",
         f"Load: `wrk -t1 -c{cfg['connections']} -d{cfg['duration']}s` after a "
-        f"warm-up of at least {cfg['warmup']} s that, for Story Vault's reads, reads every "
-        "customer once (as in a service that has been running: data-key and page caches "
-        "warm; the naive reference caches nothing), rotating over all customer ids. "
+        f"warm-up of at least {cfg['warmup']} s that, for Story Vault's reads, reads all "
+        "customers again until a whole pass adds no row- or data-key-cache miss on any "
+        "worker (as in a service that has been running: its caches and the page cache "
+        "warm; the naive reference caches nothing); wrk rotates over all customer ids. "
+        "*Cache misses* are those counted during the point itself (`/metrics`, all "
+        "workers; — for a read without caches, or where idle counters left the workers "
+        "indistinguishable). "
         "*Full* = closed loop "
         "(as fast as answered); *half* = open loop at 50 % of that point's full-load rate "
         "(the Lua script paces requests on a fixed schedule; see `PACER` in bench/run.py). "
@@ -925,15 +929,16 @@ def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str])
         "Commands: " + "; ".join(f"`{c}`" for c in cfg["commands"]),
         "",
         "| backend | server | workers | endpoint | load | req/s | p50 ms | p99 ms | "
-        "CPU ms/req | CPU util | peak RSS MiB | errors |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "CPU ms/req | CPU util | peak RSS MiB | cache misses | errors |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         letter = _label(p).split()[0]
         lines.append(
             f"| {p.backend} | {p.server} | {p.workers} | {letter} {p.endpoint} | {p.load} | "
             f"{p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | {p.cpu_ms_per_request:.2f} | "
-            f"{p.cpu_util:.2f} | {p.memory['peak_rss_mib_max']:.0f} | {p.errors} |"
+            f"{p.cpu_util:.2f} | {p.memory['peak_rss_mib_max']:.0f} | "
+            f"{'—' if p.cache_misses is None else p.cache_misses} | {p.errors} |"
         )
     lines += [
         "",
