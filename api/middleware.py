@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from litestar.enums import ScopeType
@@ -38,10 +38,19 @@ API_HEADERS = [
 ]
 
 
+# Set by RequestLogMiddleware in the scope: None while it will write the request's
+# line itself, (request id, start) when Litestar's outer exception handler answers
+# instead (see RequestLogMiddleware) and this hook writes the line.
+_LOG_STATE = "storyvault.request_log"
+
+
 async def security_headers(message: Message, scope: Scope) -> None:
     """``before_send`` hook: every response the app sends — including those Litestar
     answers outside the route's middleware (401 from authentication, 404/405 from the
-    router) — carries the security headers; API responses also no-store and a CSP."""
+    router) — carries the security headers; API responses also no-store and a CSP.
+
+    It also sees the answers RequestLogMiddleware's own ``send`` cannot: for those it
+    adds the request id and writes the request line with the status actually sent."""
     if message["type"] != "http.response.start" or scope["type"] != ScopeType.HTTP:
         return
     headers: list[Any] = list(message.get("headers", []))
@@ -52,10 +61,35 @@ async def security_headers(message: Message, scope: Scope) -> None:
         wanted.append((b"content-security-policy", DOCS_CSP))
     elif not path.startswith(("/portal", "/v1/reports")):
         wanted += API_HEADERS
+    state = cast(dict[str, Any], scope)
+    if _LOG_STATE not in state:
+        # The router answered (404, 405) before any route's middleware ran.
+        rid = uuid.uuid4().hex
+        _write_line(scope, message["status"], None, request_id=rid)
+        wanted.append((b"x-request-id", rid.encode()))
+    elif (deferred := state[_LOG_STATE]) is not None:
+        state[_LOG_STATE] = None
+        rid, start = deferred
+        _write_line(scope, message["status"], start)
+        structlog.contextvars.unbind_contextvars("request_id")
+        wanted.append((b"x-request-id", rid.encode()))
     for name, value in wanted:
         if name not in present:
             headers.append((name, value))
     message["headers"] = headers
+
+
+def _write_line(scope: Scope, status: int, start: float | None, **extra: Any) -> None:
+    route = scope.get("path_template") or "unmatched"
+    if route != "/metrics":
+        log.info(
+            "http.request",
+            **extra,
+            method=scope.get("method"),
+            route=route,
+            status=status,
+            duration_ms=None if start is None else round((time.perf_counter() - start) * 1000, 2),
+        )
 
 
 # The API docs page (Scalar) loads its script and stylesheet from jsDelivr and
@@ -80,36 +114,32 @@ class RequestLogMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         start = time.perf_counter()
         status = 500
-        path: str = scope["path"]
-        is_page = path.startswith(("/portal", "/schema", "/v1/reports"))
+        started = False
+        state = cast(dict[str, Any], scope)
+        state[_LOG_STATE] = None
+        header = (b"x-request-id", request_id.encode())
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
-                headers: list[Any] = list(message.get("headers", []))
-                present = {h[0].lower() for h in headers}
-                headers.append((b"x-request-id", request_id.encode()))
-                for name, value in SECURITY_HEADERS:
-                    if name not in present:
-                        headers.append((name, value))
-                if not is_page:
-                    for name, value in API_HEADERS:
-                        if name not in present:
-                            headers.append((name, value))
-                message["headers"] = headers
+                # The security headers come from the before_send hook (security_headers).
+                status, started = message["status"], True
+                message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
+        deferred = False
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if not started:
+                # A middleware refused or failed (401 from authentication, 503 when the
+                # key lookup cannot reach the database): Litestar's outer exception
+                # handler answers after this frame, past send_wrapper. Its before_send
+                # hook (security_headers) sees that answer and writes the line then.
+                state[_LOG_STATE] = (request_id, start)
+                deferred = True
+            raise
         finally:
-            route = scope.get("path_template") or "unmatched"
-            if route != "/metrics":
-                log.info(
-                    "http.request",
-                    method=scope.get("method"),
-                    route=route,
-                    status=status,
-                    duration_ms=round((time.perf_counter() - start) * 1000, 2),
-                )
-            structlog.contextvars.unbind_contextvars("request_id")
+            if not deferred:
+                _write_line(scope, status, start)
+                structlog.contextvars.unbind_contextvars("request_id")

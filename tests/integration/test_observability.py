@@ -6,7 +6,10 @@ scrape before and after what it does.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +229,57 @@ async def test_ready_fails_when_the_database_or_key_ring_is_unusable(
     assert resp.json()["component"] == component
     monkeypatch.undo()
     assert (await client.get("/ready")).status_code == 200
+
+
+def _request_lines(since: int) -> list[dict[str, Any]]:
+    from tests.conftest import _LOG
+
+    lines = []
+    for line in _LOG.getvalue()[since:].splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "http.request":
+                lines.append(event)
+    return lines
+
+
+async def test_request_log_line_records_the_status_the_client_got(
+    client: AsyncTestClient[Any], support: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request line per request with the status actually sent and the request id
+    the client got, also when a middleware (authentication) refused the request or
+    failed, or the router found no route: not only when a handler answered."""
+    from tests.conftest import _LOG
+
+    cid = await _customer(client, support, "obs.logline@example.org")
+    story = f"/v1/customers/{cid}/story{P}"
+    since = len(_LOG.getvalue())
+    responses = [
+        await client.get(story, headers=support),
+        await client.get(story),
+        await client.get(story, headers={"Authorization": "Bearer svk_nope"}),
+        await client.get(f"/v1/customers/{uuid.uuid4()}/story{P}", headers=support),
+        await client.get("/v1/no-such-thing", headers=support),
+    ]
+    vault = client.app.state.vault
+
+    def unreachable(*_: Any, **__: Any) -> Any:
+        raise ConnectionRefusedError("the database is unreachable")
+
+    monkeypatch.setattr(vault, "authenticate_team", unreachable)
+    responses.append(await client.get(story, headers=support))
+    monkeypatch.undo()
+    assert [r.status_code for r in responses] == [200, 401, 401, 404, 404, 503]
+    lines = _request_lines(since)
+    template = "/v1/customers/{customer_id}/story"
+    routes = [template] * 4 + ["unmatched", template]
+    assert [(e["route"], e["status"]) for e in lines] == [
+        (route, r.status_code) for route, r in zip(routes, responses, strict=True)
+    ]
+    ids = [r.headers.get("x-request-id") for r in responses]
+    assert all(ids)
+    assert len(set(ids)) == len(ids)
+    assert [e.get("request_id") for e in lines] == ids
+    for r in responses:
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["cache-control"] == "no-store"
