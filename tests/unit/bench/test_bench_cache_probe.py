@@ -18,7 +18,7 @@ def _metrics(story_misses: int, key_misses: int) -> str:
     return (
         "# HELP storyvault_story_cache_misses_total x\n"
         f"storyvault_story_cache_misses_total {float(story_misses)}\n"
-        f"storyvault_story_cache_hits_total 7.0\n"
+        "storyvault_story_cache_hits_total 7.0\n"
         f"storyvault_key_cache_misses_total {float(key_misses)}\n"
         "storyvault_key_cache_hits_total 3.0\n"
     )
