@@ -36,11 +36,14 @@ class KeyCache:
     """Unwrapped data keys by id: at most ``size`` of them, each for ``ttl`` seconds.
 
     Oldest first out (insertion order is expiry order, the TTL being one for all).
-    Entries are (expiry, key) tuples in one OrderedDict, which the garbage collector
-    does not traverse entry by entry (an AESGCM object holds no Python references);
-    a linked-list cache of tens of thousands of keys made every full collection,
-    and so the gated read's tail latency, several times longer. Not thread-safe:
-    ``DataKeys`` holds its lock around every call.
+    Entries are (expiry, raw key bytes) tuples in one OrderedDict, which the garbage
+    collector does not traverse entry by entry: a linked-list cache of tens of
+    thousands of keys made every full collection, and so the gated read's tail
+    latency, several times longer. The cache holds the keys' bytes, not AESGCM
+    objects: from cryptography 51 on an AESGCM object is tracked by the collector
+    (65,000 cached objects made a full collection take 8.7 ms instead of 1.0), and
+    making one per use costs about 0.5 µs. Not thread-safe: ``DataKeys`` holds its
+    lock around every call.
     """
 
     def __init__(self, size: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -49,9 +52,9 @@ class KeyCache:
         self._size = size
         self._ttl = ttl
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, AESGCM]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
-    def get(self, dek_id: str) -> AESGCM | None:
+    def get(self, dek_id: str) -> bytes | None:
         entry = self._entries.get(dek_id)
         if entry is None:
             return None
@@ -60,11 +63,11 @@ class KeyCache:
             return None
         return entry[1]
 
-    def put(self, dek_id: str, aead: AESGCM) -> None:
+    def put(self, dek_id: str, key: bytes) -> None:
         entries = self._entries
         now = self._clock()
         entries.pop(dek_id, None)
-        entries[dek_id] = (now + self._ttl, aead)
+        entries[dek_id] = (now + self._ttl, key)
         # Expired ones first (they are the oldest), then the oldest over the bound.
         while entries:
             oldest_id, (expires, _) = next(iter(entries.items()))
@@ -110,10 +113,10 @@ class DataKeys:
         self.hits = 0
         self.misses = 0
 
-    def _remember(self, dek_id: str, aead: AESGCM) -> None:
+    def _remember(self, dek_id: str, key: bytes) -> None:
         if self._cache is not None:
             with self._lock:
-                self._cache.put(dek_id, aead)
+                self._cache.put(dek_id, key)
 
     def forget(self, dek_ids: Iterable[str]) -> None:
         if self._cache is not None:
@@ -169,7 +172,7 @@ class DataKeys:
         raw = secrets.token_bytes(32)
         version, wrapped = self.ring.wrap(raw, dek_aad(customer_id, scope, dek_id))
         aead = AESGCM(raw)
-        self._remember(dek_id, aead)
+        self._remember(dek_id, raw)
         row = {
             "id": dek_id,
             "customer_id": customer_id,
@@ -188,11 +191,11 @@ class DataKeys:
                 cached = self._cache.get(dek_id)
             if cached is not None:
                 self.hits += 1
-                return cached
+                return AESGCM(cached)
         self.misses += 1
-        aead = AESGCM(self.ring.unwrap(version, wrapped, dek_aad(customer_id, scope, dek_id)))
-        self._remember(dek_id, aead)
-        return aead
+        raw = self.ring.unwrap(version, wrapped, dek_aad(customer_id, scope, dek_id))
+        self._remember(dek_id, raw)
+        return AESGCM(raw)
 
     async def for_read(self, dek_ids: set[str]) -> dict[str, AESGCM]:
         """Unwrapped keys for the given ids; destroyed keys are simply absent."""
@@ -204,11 +207,11 @@ class DataKeys:
         else:
             with self._lock:
                 for dek_id in dek_ids:
-                    aead = cache.get(dek_id)
-                    if aead is None:
+                    key = cache.get(dek_id)
+                    if key is None:
                         missing.append(dek_id)
                     else:
-                        found[dek_id] = aead
+                        found[dek_id] = AESGCM(key)
         self.hits += len(found)
         if missing:
             self.misses += len(missing)
@@ -221,9 +224,8 @@ class DataKeys:
                 raw = self.ring.unwrap(
                     row.kek_version, row.wrapped, dek_aad(row.customer_id, row.scope, row.id)
                 )
-                aead = AESGCM(raw)
-                self._remember(row.id, aead)
-                found[row.id] = aead
+                self._remember(row.id, raw)
+                found[row.id] = AESGCM(raw)
         return found
 
     async def destroy(self, customer_id: str, scopes: Iterable[str] | None) -> list[str]:
