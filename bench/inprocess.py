@@ -32,13 +32,15 @@ from typing import Any, TextIO
 
 import uvloop
 
+from bench import run
 from bench.common import base_settings, write_result
-from bench.run import PURPOSE, log, seed, start_backend
+from bench.run import log, seed, start_backend
 
+# make bench's endpoints, as ASGI wants them: (path template, query string).
 ENDPOINTS: dict[str, tuple[str, bytes]] = {
-    "health": ("/health", b""),
-    "bare": ("/bench/bare/{id}", b""),
-    "gated": ("/v1/customers/{id}/story", f"purpose={PURPOSE}".encode()),
+    name: (path, query.encode())
+    for name, url in run.ENDPOINTS.items()
+    for path, _, query in [url.replace("%s", "{id}").partition("?")]
 }
 
 Call = Callable[[str], Awaitable[int]]
