@@ -13,7 +13,7 @@ per request is the process's CPU time (every thread: the audit commits' too)
 divided by requests. Set against ``make bench``'s figures, the difference is what
 the HTTP server, the sockets and the kernel add to each request; between the
 three endpoints here, it is what each step of the gated read adds in the app.
-Results: bench/results/inprocess.json.
+Results: bench/results/inprocess-<backend>.json.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ async def measure(
     )
     # The JSON log lines are written as a server writes them, to a file.
     configure_logging(stream=logs)
-    app = create_app(settings, migrate=False)
+    # As a worker serves it (api.asgi): its heap frozen once started.
+    app = create_app(settings, migrate=False, freeze_heap=True)
     out: dict[str, Any] = {}
     async with app.lifespan():
         for endpoint in ENDPOINTS:

@@ -19,7 +19,7 @@ class Clock:
         return self.now
 
 
-def aead() -> bytes:
+def raw_key() -> bytes:
     """A data key as the cache holds it: its raw bytes."""
     return os.urandom(32)
 
@@ -27,7 +27,7 @@ def aead() -> bytes:
 def test_key_cache_forgets_keys_after_their_ttl() -> None:
     clock = Clock()
     cache = KeyCache(10, 60.0, clock)
-    key = aead()
+    key = raw_key()
     cache.put("k1", key)
     clock.now += 59.9
     assert cache.get("k1") is key
@@ -40,7 +40,7 @@ def test_key_cache_holds_at_most_size_keys_oldest_out_first() -> None:
     clock = Clock()
     cache = KeyCache(3, 60.0, clock)
     for i in range(5):
-        cache.put(f"k{i}", aead())
+        cache.put(f"k{i}", raw_key())
         clock.now += 1
     assert sorted(cache) == ["k2", "k3", "k4"]
     cache.pop("k3")
@@ -52,9 +52,9 @@ def test_key_cache_drops_expired_keys_when_a_key_is_added() -> None:
     clock = Clock()
     cache = KeyCache(100, 10.0, clock)
     for i in range(20):
-        cache.put(f"old{i}", aead())
+        cache.put(f"old{i}", raw_key())
     clock.now += 11
-    cache.put("new", aead())
+    cache.put("new", raw_key())
     assert list(cache) == ["new"]  # expired keys do not linger in memory
 
 
@@ -64,7 +64,7 @@ def test_key_cache_entries_are_not_walked_by_the_garbage_collector() -> None:
     the cache holds raw keys)."""
     cache = KeyCache(20_000, 60.0)
     for i in range(10_000):
-        cache.put(f"k{i}", aead())
+        cache.put(f"k{i}", raw_key())
     gc.collect()
     entries = cache._entries
     tracked = [v for v in entries.values() if gc.is_tracked(v)]
