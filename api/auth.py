@@ -17,9 +17,10 @@ from litestar.middleware.authentication import (
 )
 
 from governance.service import StoryVault
-from governance.teams import Principal
+from governance.teams import PresentedKey, Principal
 
 __all__ = [
+    "LOOKS_UP_ITS_KEY",
     "BearerAuthMiddleware",
     "bearer_token",
     "require_admin",
@@ -40,6 +41,12 @@ PUBLIC_PATHS = (
     "/v1/schemas",
     "/favicon.ico",
 )
+
+
+LOOKS_UP_ITS_KEY = "looks_up_its_key"
+"""A route handler ``opt``: the handler looks the team's API key up itself, in the
+same database round trip as its own read (the gated read), so the middleware only
+checks that a bearer credential is there and passes it on as a ``PresentedKey``."""
 
 
 def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -71,6 +78,8 @@ class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
                 # recorded once (the ledger call is idempotent).
                 await vault.apply_gpc(customer.customer_id)
             return AuthenticationResult(user=customer, auth="customer")
+        if connection.scope["route_handler"].opt.get(LOOKS_UP_ITS_KEY):
+            return AuthenticationResult(user=vault.presented_key(token), auth="team")
         principal = await vault.authenticate_team(token)
         if principal is None:
             raise NotAuthorizedException("the API key is unknown or revoked")
@@ -86,6 +95,15 @@ def team_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     if not isinstance(user, Principal):
         raise PermissionDeniedException("this endpoint needs a team API key")
     return user
+
+
+def team_credential(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal | PresentedKey:
+    """``team_of`` for a ``LOOKS_UP_ITS_KEY`` route: the principal, or the key the
+    handler's read will look up."""
+    user = connection.user
+    if isinstance(user, PresentedKey):
+        return user
+    return team_of(connection)
 
 
 async def require_team(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

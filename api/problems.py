@@ -112,6 +112,8 @@ def _domain(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[st
         headers = {"Retry-After": str(int(retry))}
     elif status == 503:  # e.g. the audit writer could not make an entry durable
         headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE)}
+    elif status == 401:  # RFC 6750: say which scheme would be accepted
+        headers = {"WWW-Authenticate": 'Bearer realm="storyvault"'}
     detail = getattr(exc, "message", None) or str(exc)
     return problem(status, code, detail, extra=extra or None, headers=headers, request=request)
 

@@ -15,18 +15,18 @@ from typing import Any, Protocol
 
 import msgspec
 import structlog
-from sqlalchemy import and_, bindparam, select
+from sqlalchemy import and_, bindparam, literal, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import AuditEntry, EntryKind, Prepared, Withheld
 from consent import ConsentState, Ledger, Standing, evaluate
 from governance.catalog import Catalog
 from governance.db import Database, ReadSteps
-from governance.errors import Forbidden, InvalidInput, NotFound
+from governance.errors import Forbidden, InvalidInput, NotFound, Unauthorized
 from governance.keys import KeyRing
 from governance.metrics import count_decisions, count_withheld
 from governance.models import CATEGORY_STATES, CUSTOMERS
-from governance.teams import Principal
+from governance.teams import KEY_LOOKUP, PresentedKey, Principal, Teams
 from governance.vault import Chapter, Vault
 from policies import Action, DecisionTable, Mask, PolicyEngine, apply_mask
 
@@ -59,6 +59,19 @@ _CUSTOMER_AND_CONSENT = Prepared(
     )
     .where(CUSTOMERS.id == bindparam("customer_id"))
 )
+# The same with the presented API key's row in front (all None where either is
+# missing): a read that brings its key unresolved (``PresentedKey``) authenticates
+# in the same round trip. Each side has at most one row (a unique digest, a
+# primary key), and the left joins on one constant row return exactly one row.
+_KEY = Prepared(KEY_LOOKUP)
+_KEY_SIDE = KEY_LOOKUP.subquery("k")
+_READ_SIDE = _CUSTOMER_AND_CONSENT.stmt.subquery("c")  # type: ignore[attr-defined]
+_ONE = select(literal(1).label("one")).subquery("o")
+_KEY_CUSTOMER_AND_CONSENT = Prepared(
+    select(*_KEY_SIDE.c, *_READ_SIDE.c).select_from(
+        _ONE.outerjoin(_KEY_SIDE, true()).outerjoin(_READ_SIDE, true())
+    )
+)
 _CATEGORY_STATES = Prepared(
     select(CATEGORY_STATES.category, CATEGORY_STATES.state, CATEGORY_STATES.hold_purpose).where(
         CATEGORY_STATES.customer_id == bindparam("customer_id")
@@ -70,6 +83,7 @@ _CATEGORY_STATES = Prepared(
 class _Loaded:
     """What the gated read's one database visit returns."""
 
+    principal: Principal
     status: str
     decision: GateDecision
     rows: Sequence[Any]
@@ -213,12 +227,57 @@ class Gate:
             return value
         return apply_mask(mask, value, pseudonym_key=self._mask_key)
 
-    def _load(self, table: DecisionTable, customer_id: str, purpose: str) -> ReadSteps[_Loaded]:
+    def _no_rule(self, principal: Principal, purpose: str) -> DecisionTable:
+        """``policy_table`` for a read; a 403 (no rule) counts every category withheld."""
+        try:
+            return self.policy_table(principal, purpose, Action.READ)
+        except Forbidden:
+            count_withheld("read", [(c, "no_policy") for c in self._all_categories])
+            raise
+
+    @staticmethod
+    def _resolve(key: PresentedKey) -> ReadSteps[Principal]:
+        """The principal of ``key`` on its own (steps for ``Database.query``); 401 if
+        it is unknown or revoked."""
+        found = None
+        if key.digest is not None:
+            found = yield (_KEY, {"digest": key.digest})
+        principal = Teams.principal_of(*found[0]) if found else None
+        if principal is None:
+            raise Unauthorized("the API key is unknown or revoked")
+        return principal
+
+    async def principal(self, db: Database, credential: Principal | PresentedKey) -> Principal:
+        """The principal of ``credential``, looking a ``PresentedKey`` up on its own
+        (401 if it is unknown or revoked): for the gated read's answers that come
+        before its round trip, such as a 400 for a malformed request."""
+        if isinstance(credential, Principal):
+            return credential
+        return await db.query(lambda: self._resolve(credential))
+
+    def _load(
+        self, credential: Principal | PresentedKey, customer_id: str, purpose: str
+    ) -> ReadSteps[_Loaded]:
         """The read's whole database visit (``Database.query``): the customer and
-        consent standing, the category states if any were erased or held, then
-        exactly the granted parts' sealed rows."""
-        found = yield (_CUSTOMER_AND_CONSENT, {"customer_id": customer_id, "purpose": purpose})
-        row = found[0] if found else None
+        consent standing (with the API key's row when it comes unresolved: 401
+        unless it is a valid key, then 403 unless the team has a read rule), the
+        category states if any were erased or held, then exactly the granted
+        parts' sealed rows."""
+        params = {"customer_id": customer_id, "purpose": purpose}
+        if isinstance(credential, PresentedKey):
+            if credential.digest is None:
+                raise Unauthorized("the API key is unknown or revoked")
+            found = yield (_KEY_CUSTOMER_AND_CONSENT, {**params, "digest": credential.digest})
+            principal = Teams.principal_of(*found[0][:4])
+            if principal is None:
+                raise Unauthorized("the API key is unknown or revoked")
+            table = self._no_rule(principal, purpose)
+            row = found[0][4:] if found[0][4] is not None else None
+        else:
+            principal = credential
+            table = self._no_rule(principal, purpose)
+            found = yield (_CUSTOMER_AND_CONSENT, params)
+            row = found[0] if found else None
         # An erased customer exists only for the purposes that hold some of their
         # data (invoices under the tax law's legal obligation); for others, 404.
         if row is None or (row[0] == "erased" and purpose not in self._hold_purposes):
@@ -235,25 +294,27 @@ class Gate:
         granted = decision.granted
         wanted = None if len(granted) == len(self._all_categories) else sorted(granted)
         rows = yield from self.vault.cached_story_rows(customer_id, version, wanted)
-        return _Loaded(status=status, decision=decision, rows=rows)
+        return _Loaded(principal=principal, status=status, decision=decision, rows=rows)
 
     async def read_story(
         self,
         db: Database,
-        principal: Principal,
+        credential: Principal | PresentedKey,
         customer_id: str,
-        purpose: str,
+        purpose: str | None,
         request_id: str | None,
     ) -> StoryView:
+        """The gated read. ``credential`` is the team's principal, or its API key still
+        to be looked up (``PresentedKey``), which then happens in the read's own
+        round trip. Either way the answer is 401 (key), then 400 (purpose), then
+        403 (no read rule), then 404 (customer), as with the key looked up first."""
+        if purpose not in self.catalog.purposes:
+            await self.principal(db, credential)  # 401 before the 400
         purpose = self.check_purpose(purpose)
-        try:
-            table = self.policy_table(principal, purpose, Action.READ)  # no rule: 403 first
-        except Forbidden:
-            count_withheld("read", [(c, "no_policy") for c in self._all_categories])
-            raise
         # One visit to the database (no connection is held past it, in particular
         # not while waiting for the audit group commit, which needs one itself).
-        loaded = await db.query(lambda: self._load(table, customer_id, purpose))
+        loaded = await db.query(lambda: self._load(credential, customer_id, purpose))
+        principal = loaded.principal
         decision = loaded.decision
         subject = self.ring.pseudonym(customer_id)
         story = await self.vault.open_story(customer_id, loaded.status, loaded.rows)

@@ -35,7 +35,7 @@ from governance.models import AppMetaRow
 from governance.operations import Operations
 from governance.rights import Rights
 from governance.settings import Settings
-from governance.teams import ADMIN_ROLE, IssuedKey, Principal, Teams
+from governance.teams import ADMIN_ROLE, IssuedKey, PresentedKey, Principal, Teams
 from governance.vault import Vault
 from policies import Action, PolicyCatalog, PolicyEngine, PolicyStore, PolicyWatcher, RuleSpec
 
@@ -328,13 +328,23 @@ class StoryVault(Operations, InsightsOperations):
 
     async def read_story(
         self,
-        principal: Principal,
+        credential: Principal | PresentedKey,
         customer_id: str,
         purpose: str | None,
         request_id: str | None = None,
     ) -> StoryView:
-        purpose = self.check_purpose(purpose)
-        return await self.gate.read_story(self.db, principal, customer_id, purpose, request_id)
+        """The gated read (``Gate.read_story``); a ``PresentedKey`` is looked up in
+        the read's own round trip."""
+        return await self.gate.read_story(self.db, credential, customer_id, purpose, request_id)
+
+    async def team_principal(self, credential: Principal | PresentedKey) -> Principal:
+        """The principal of ``credential`` (a ``PresentedKey`` looked up now; 401 if
+        it is unknown or revoked)."""
+        return await self.gate.principal(self.db, credential)
+
+    def presented_key(self, secret: str) -> PresentedKey:
+        """A team API key to be looked up by the request's own read (``read_story``)."""
+        return self.teams.presented(secret)
 
     async def update_profile(
         self,

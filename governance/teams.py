@@ -21,14 +21,17 @@ from governance.errors import Conflict, InvalidInput, NotFound
 from governance.keys import KeyRing
 from governance.models import API_KEYS, TEAMS, ApiKeyRow, TeamRow
 
-__all__ = ["ADMIN_ROLE", "IssuedKey", "Principal", "Teams"]
+__all__ = ["ADMIN_ROLE", "KEY_LOOKUP", "IssuedKey", "PresentedKey", "Principal", "Teams"]
 
 ADMIN_ROLE = "admin"
-_KEY_LOOKUP = Prepared(
+KEY_LOOKUP = (
     select(API_KEYS.id, API_KEYS.team, API_KEYS.revoked_at, TEAMS.roles)
     .join(TeamRow, TEAMS.name == API_KEYS.team)
     .where(API_KEYS.digest == bindparam("digest"))
 )
+"""The key of a digest (at most one row): id, team, revoked_at, the team's roles.
+``Teams.principal_of`` reads such a row; the gated read joins it into its own query."""
+_KEY_LOOKUP = Prepared(KEY_LOOKUP)
 KNOWN_ROLES = frozenset({ADMIN_ROLE})
 _TEAM = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
 
@@ -44,6 +47,16 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return ADMIN_ROLE in self.roles
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedKey:
+    """A team API key as presented, not looked up yet: its digest, or None when it
+    cannot be a key (empty or too long). A route that reads the database anyway
+    resolves it in that same visit (``Teams.principal_of``), so the lookup costs no
+    round trip of its own; the gated read does so."""
+
+    digest: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,14 +161,26 @@ class Teams:
         ``Database.query``. It runs on every team request, and no cache stands
         between it and the keys table, so a revocation holds from the next request
         on every instance."""
+        digest = self.presented(secret).digest
+        if digest is None:
+            return None
+        found = yield (_KEY_LOOKUP, {"digest": digest})
+        return self.principal_of(*found[0]) if found else None
+
+    def presented(self, secret: str) -> PresentedKey:
+        """``secret`` as a ``PresentedKey`` (its digest), for a lookup made later."""
         if not secret or len(secret) > 512:
-            return None
-        found = yield (_KEY_LOOKUP, {"digest": self.ring.token_digest(secret)})
-        if not found:
-            return None
-        key_id, team, revoked_at, roles = found[0]
-        if revoked_at is not None:
+            return PresentedKey(None)
+        return PresentedKey(self.ring.token_digest(secret))
+
+    @staticmethod
+    def principal_of(
+        key_id: str | None, team: str | None, revoked_at: object, roles: str | None
+    ) -> Principal | None:
+        """The principal of a ``KEY_LOOKUP`` row; None if there was none (all None)
+        or the key is revoked."""
+        if key_id is None or team is None or revoked_at is not None:
             return None
         return Principal(
-            team=team, key_id=key_id, roles=frozenset(r for r in roles.split(",") if r)
+            team=team, key_id=key_id, roles=frozenset(r for r in (roles or "").split(",") if r)
         )

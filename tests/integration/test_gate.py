@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 
 from api.app import create_app
 from consent import Channel
@@ -369,6 +369,69 @@ async def test_bad_reads_are_clear_problems(
     assert_problem(resp, 400, "purpose_required")
     resp = await client.get(f"/v1/customers/{cid}/story?purpose=sales.outreach")
     assert resp.status_code == 401
+
+
+async def audit_size(direct: StoryVault) -> int:
+    async with direct.db.session() as session:
+        return int((await session.execute(text("SELECT count(*) FROM audit_entries"))).scalar_one())
+
+
+async def test_the_gated_read_refuses_bad_keys_before_anything_else(
+    client: AsyncTestClient[Any], org: Org, direct: StoryVault, admin: Headers
+) -> None:
+    """The gated read looks its API key up in its own round trip: an unknown,
+    revoked or malformed key is 401 (with WWW-Authenticate) whatever else is wrong
+    with the request, discloses nothing and writes no audit entry; a revoked key
+    fails on the very next read."""
+    cid = await full_story(client, org)
+    issued = (
+        await client.post("/v1/admin/teams/support/keys", json={"label": "t"}, headers=admin)
+    ).json()
+    key = {"Authorization": f"Bearer {issued['key']}"}
+    ok = await read(client, key, cid, "service.support")
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["profile"]["name"] == PROFILE["name"]
+    before = await audit_size(direct)
+    unknown = {"Authorization": "Bearer svk_" + "x" * 43}
+    too_long = {"Authorization": "Bearer " + "k" * 600}
+    for headers in (unknown, too_long, org["support"] | {"Authorization": "Basic abc"}, {}):
+        for target, purpose in (
+            (cid, "service.support"),  # everything else right
+            (cid, None),  # and a missing purpose (400 with a valid key)
+            (cid, "world.domination"),  # an unknown purpose (400)
+            ("8a4c1fd6-54c4-4b39-9e43-3a1e0d0b4c11", "service.support"),  # no customer (404)
+            ("not-a-uuid", "service.support"),  # a malformed id (400)
+        ):
+            resp = await read(client, headers, target, purpose)
+            assert_problem(resp, 401, "unauthorized")
+            assert resp.headers["www-authenticate"] == 'Bearer realm="storyvault"'
+            assert "Wilhelmina" not in resp.text
+    # The same requests with the valid key get their own answers.
+    assert_problem(await read(client, key, cid, None), 400, "purpose_required")
+    assert_problem(await read(client, key, cid, "world.domination"), 400, "unknown_purpose")
+    assert_problem(await read(client, key, "not-a-uuid", "service.support"), 400, "invalid_id")
+    assert_problem(
+        await read(client, key, "8a4c1fd6-54c4-4b39-9e43-3a1e0d0b4c11", "service.support"),
+        404,
+        "customer_not_found",
+    )
+    assert_problem(await read(client, key, cid, "sales.outreach"), 403, "no_policy", "no_policy")
+    assert await audit_size(direct) == before
+    # Revoked: refused on the very next read, for every purpose and customer.
+    assert (await client.delete(f"/v1/admin/keys/{issued['id']}", headers=admin)).status_code == 204
+    for target, purpose in ((cid, "service.support"), (cid, "world.domination"), (cid, None)):
+        resp = await read(client, key, target, purpose)
+        assert_problem(resp, 401, "unauthorized")
+        assert "Wilhelmina" not in resp.text
+    assert await audit_size(direct) == before
+    # Another key of the same team still reads, and its entry names that key.
+    ok = await read(client, org["support"], cid, "service.support")
+    assert ok.status_code == 200
+    entry = (
+        await client.get(f"/v1/audit/entries/{ok.json()['audit_index']}", headers=admin)
+    ).json()
+    assert entry["actor"] == "support"
+    assert entry["actor_key_id"] not in {None, issued["id"]}
 
 
 async def test_writes_denied_by_write_rules_store_nothing(
