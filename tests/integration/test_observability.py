@@ -266,13 +266,15 @@ async def test_request_log_line_records_the_status_the_client_got(
     def unreachable(*_: Any, **__: Any) -> Any:
         raise ConnectionRefusedError("the database is unreachable")
 
+    # (The gated read looks its key up itself; a consents read does so in the
+    # authentication middleware.)
     monkeypatch.setattr(vault, "authenticate_team", unreachable)
-    responses.append(await client.get(story, headers=support))
+    responses.append(await client.get(f"/v1/customers/{cid}/consents", headers=support))
     monkeypatch.undo()
     assert [r.status_code for r in responses] == [200, 401, 401, 404, 404, 503]
     lines = _request_lines(since)
     template = "/v1/customers/{customer_id}/story"
-    routes = [template] * 4 + ["unmatched", template]
+    routes = [template] * 4 + ["unmatched", "/v1/customers/{customer_id}/consents"]
     assert [(e["route"], e["status"]) for e in lines] == [
         (route, r.status_code) for route, r in zip(routes, responses, strict=True)
     ]
