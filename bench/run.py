@@ -710,14 +710,14 @@ def profile(server: Server, script: Path, wrk: str, args: argparse.Namespace, ou
 PROFILE_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("gated read handler (`Gate.read_story`)", ("Gate.read_story",)),
     (
-        "&nbsp;&nbsp;customer + consent, story rows (`Database.query` in `Gate.read_story`)",
+        "&nbsp;&nbsp;API key, customer + consent, story rows"
+        " (`Database.query` in `Gate.read_story`)",
         ("Gate.read_story", "Database.query"),
     ),
     ("&nbsp;&nbsp;&nbsp;&nbsp;story rows from the database (cache misses)", ("story_rows",)),
     ("&nbsp;&nbsp;decrypting the story (`Vault.open_story`)", ("Vault.open_story",)),
     ("&nbsp;&nbsp;&nbsp;&nbsp;of which AES-GCM (`open_value`)", ("open_value",)),
     ("&nbsp;&nbsp;audit leaf encoding (`EncodedEntry.of`)", ("EncodedEntry.of",)),
-    ("API-key lookup (`StoryVault.authenticate_team`)", ("StoryVault.authenticate_team",)),
     ("audit group commit (`AuditWriter._run`)", ("AuditWriter._run",)),
     ("&nbsp;&nbsp;commit (worker thread, SQLite)", ("DefaultDialect.do_commit",)),
     ("JSON log lines (structlog)", ("BoundLoggerBase._proxy_to_logger",)),
