@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 import structlog
-from sqlalchemy import and_, bindparam, literal, select, true
+from sqlalchemy import and_, bindparam, literal_column, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit import AuditEntry, EntryKind, Prepared, Withheld
@@ -66,7 +66,7 @@ _CUSTOMER_AND_CONSENT = Prepared(
 _KEY = Prepared(KEY_LOOKUP)
 _KEY_SIDE = KEY_LOOKUP.subquery("k")
 _READ_SIDE = _CUSTOMER_AND_CONSENT.stmt.subquery("c")  # type: ignore[attr-defined]
-_ONE = select(literal(1).label("one")).subquery("o")
+_ONE = select(literal_column("1").label("one")).subquery("o")
 _KEY_CUSTOMER_AND_CONSENT = Prepared(
     select(*_KEY_SIDE.c, *_READ_SIDE.c).select_from(
         _ONE.outerjoin(_KEY_SIDE, true()).outerjoin(_READ_SIDE, true())
@@ -227,7 +227,7 @@ class Gate:
             return value
         return apply_mask(mask, value, pseudonym_key=self._mask_key)
 
-    def _no_rule(self, principal: Principal, purpose: str) -> DecisionTable:
+    def _read_table(self, principal: Principal, purpose: str) -> DecisionTable:
         """``policy_table`` for a read; a 403 (no rule) counts every category withheld."""
         try:
             return self.policy_table(principal, purpose, Action.READ)
@@ -271,11 +271,11 @@ class Gate:
             principal = Teams.principal_of(*found[0][:4])
             if principal is None:
                 raise Unauthorized("the API key is unknown or revoked")
-            table = self._no_rule(principal, purpose)
+            table = self._read_table(principal, purpose)
             row = found[0][4:] if found[0][4] is not None else None
         else:
             principal = credential
-            table = self._no_rule(principal, purpose)
+            table = self._read_table(principal, purpose)
             found = yield (_CUSTOMER_AND_CONSENT, params)
             row = found[0] if found else None
         # An erased customer exists only for the purposes that hold some of their
