@@ -63,7 +63,6 @@ _CUSTOMER_AND_CONSENT = Prepared(
 # missing): a read that brings its key unresolved (``PresentedKey``) authenticates
 # in the same round trip. Each side has at most one row (a unique digest, a
 # primary key), and the left joins on one constant row return exactly one row.
-_KEY = Prepared(KEY_LOOKUP)
 _KEY_SIDE = KEY_LOOKUP.subquery("k")
 _READ_SIDE = _CUSTOMER_AND_CONSENT.stmt.subquery("c")  # type: ignore[attr-defined]
 _ONE = select(literal_column("1").label("one")).subquery("o")
@@ -77,6 +76,11 @@ _CATEGORY_STATES = Prepared(
         CATEGORY_STATES.customer_id == bindparam("customer_id")
     )
 )
+
+
+def _unknown_key() -> Unauthorized:
+    """The 401 of a presented key that is unknown or revoked (the middleware's words)."""
+    return Unauthorized("the API key is unknown or revoked")
 
 
 @dataclass(slots=True)
@@ -239,12 +243,9 @@ class Gate:
     def _resolve(key: PresentedKey) -> ReadSteps[Principal]:
         """The principal of ``key`` on its own (steps for ``Database.query``); 401 if
         it is unknown or revoked."""
-        found = None
-        if key.digest is not None:
-            found = yield (_KEY, {"digest": key.digest})
-        principal = Teams.principal_of(*found[0]) if found else None
+        principal = yield from Teams.lookup(key)
         if principal is None:
-            raise Unauthorized("the API key is unknown or revoked")
+            raise _unknown_key()
         return principal
 
     async def principal(self, db: Database, credential: Principal | PresentedKey) -> Principal:
@@ -266,11 +267,11 @@ class Gate:
         params = {"customer_id": customer_id, "purpose": purpose}
         if isinstance(credential, PresentedKey):
             if credential.digest is None:
-                raise Unauthorized("the API key is unknown or revoked")
+                raise _unknown_key()
             found = yield (_KEY_CUSTOMER_AND_CONSENT, {**params, "digest": credential.digest})
             principal = Teams.principal_of(*found[0][:4])
             if principal is None:
-                raise Unauthorized("the API key is unknown or revoked")
+                raise _unknown_key()
             table = self._read_table(principal, purpose)
             row = found[0][4:] if found[0][4] is not None else None
         else:

@@ -161,11 +161,16 @@ class Teams:
         ``Database.query``. It runs on every team request, and no cache stands
         between it and the keys table, so a revocation holds from the next request
         on every instance."""
-        digest = self.presented(secret).digest
-        if digest is None:
+        return (yield from self.lookup(self.presented(secret)))
+
+    @classmethod
+    def lookup(cls, key: PresentedKey) -> ReadSteps[Principal | None]:
+        """The principal of a presented key, or None (unknown, revoked, or no key at
+        all): steps for ``Database.query``."""
+        if key.digest is None:
             return None
-        found = yield (_KEY_LOOKUP, {"digest": digest})
-        return self.principal_of(*found[0]) if found else None
+        found = yield (_KEY_LOOKUP, {"digest": key.digest})
+        return cls.principal_of(*found[0]) if found else None
 
     def presented(self, secret: str) -> PresentedKey:
         """``secret`` as a ``PresentedKey`` (its digest), for a lookup made later."""
