@@ -70,6 +70,7 @@ class Server:
     port: int = field(default_factory=free_port)
     log: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    workers: int = 1
 
     @property
     def url(self) -> str:
@@ -80,7 +81,12 @@ class Server:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [STORYVAULT, "serve"],
-            env=env_of(self.settings, STORYVAULT_HOST="127.0.0.1", STORYVAULT_PORT=str(self.port)),
+            env=env_of(
+                self.settings,
+                STORYVAULT_HOST="127.0.0.1",
+                STORYVAULT_PORT=str(self.port),
+                STORYVAULT_WORKERS=str(self.workers),
+            ),
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=self.log.open("ab"),

@@ -285,3 +285,47 @@ async def test_request_log_line_records_the_status_the_client_got(
     for r in responses:
         assert r.headers["x-content-type-options"] == "nosniff"
         assert r.headers["cache-control"] == "no-store"
+
+
+def test_every_worker_process_logs_json_lines(settings: Settings) -> None:
+    """With several worker processes (``STORYVAULT_WORKERS``), each worker logs the
+    same JSON lines as a single process, through the same scrubbing processors: a
+    worker starts from a fresh interpreter and must configure its logging itself."""
+    import httpx
+
+    from tests.integration.procs import Server
+
+    server = Server(settings, workers=2).start()
+    try:
+        statuses = []
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            for n in range(40):  # the connections land on both workers
+                headers = {"Authorization": "Bearer svk_nope"} if n % 2 else {}
+                r = http.get(f"/v1/customers/{uuid.uuid4()}/story{P}", headers=headers)
+                statuses.append(r.status_code)
+                http.get("/ready")
+    finally:
+        server.stop()
+    assert set(statuses) == {401}
+    assert server.log is not None
+    text = server.log.read_text()
+    events: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("Story Vault on "):  # the banner
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"a log line that is not JSON: {line[:200]!r}")
+    for event in events:
+        assert event["level"], event
+        assert event["timestamp"].endswith("Z"), event
+    # The serving command's bootstrap, then each worker's own start.
+    assert [e["event"] for e in events].count("storyvault.started") == 3
+    workers = {e["event"] for e in events if e["event"].startswith("Started server process")}
+    assert len(workers) == 2, [e["event"] for e in events]
+    requests = [e for e in events if e["event"] == "http.request"]
+    assert all(e["request_id"] and e["route"] for e in requests)
+    stories = [e for e in requests if e["route"] == "/v1/customers/{customer_id}/story"]
+    assert [e["status"] for e in stories] == statuses
+    assert "svk_nope" not in text
