@@ -268,16 +268,35 @@ class Server:
             frontier += kids
         return found
 
-    def cpu_seconds(self) -> float:
+    def cpu_by_pid(self) -> dict[int, float]:
+        """CPU seconds (utime + stime) of the server process and each descendant."""
         ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
+        out: dict[int, float] = {}
         for pid in self.pids():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / ticks
+            out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+        return out
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_by_pid().values())
+
+    def worker_shares(self, before: dict[int, float], after: dict[int, float]) -> list[float]:
+        """Each worker's share of the workers' CPU between two ``cpu_by_pid`` readings,
+        largest first (empty with one worker, which is the server process itself).
+        The workers are the descendants that used the most CPU (a helper process of
+        multiprocessing, if any, uses next to none)."""
+        if self.workers < 2:
+            return []
+        used = sorted(
+            (after[pid] - before.get(pid, 0.0) for pid in after if pid != self.proc.pid),
+            reverse=True,
+        )[: self.workers]
+        used += [0.0] * (self.workers - len(used))  # a worker gone counts as idle
+        total = sum(used)
+        return [round(u / total, 3) for u in used] if total > 0 else [0.0] * self.workers
 
     def memory(self) -> dict[str, float]:
         """Peak (VmHWM) and current (VmRSS) resident memory, MiB: max over processes, sum."""
@@ -306,6 +325,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def balanced(shares: list[float], workers: int) -> bool:
+    """Whether a point's load reached every worker (see ``BALANCE``)."""
+    return not shares or min(shares) >= BALANCE / workers
 
 
 def start_server(
@@ -472,6 +496,10 @@ class Point:
     cache_misses: int | None = None
     """Row- and data-key-cache misses during the point, all workers (Story Vault's
     reads of a customer; None elsewhere)."""
+    worker_cpu_shares: list[float] = field(default_factory=list)
+    """Each worker's share of the workers' CPU during the point (several workers)."""
+    attempts: int = 1
+    """Runs of the point until its load reached every worker (see ``BALANCE``)."""
 
 
 def run_wrk(
@@ -508,11 +536,20 @@ def measure(
     target: float | None,
 ) -> Point:
     probe = server.name == "storyvault" and endpoint != "health"
-    misses0 = cache_misses(server) if probe else None
-    cpu0 = server.cpu_seconds()
-    res = run_wrk(wrk, server, script, duration=duration, connections=connections)
-    cpu = server.cpu_seconds() - cpu0
-    misses1 = cache_misses(server) if misses0 is not None else None
+    for attempt in range(1, BALANCE_ATTEMPTS + 1):
+        misses0 = cache_misses(server) if probe else None
+        per0 = server.cpu_by_pid()
+        res = run_wrk(wrk, server, script, duration=duration, connections=connections)
+        per1 = server.cpu_by_pid()
+        misses1 = cache_misses(server) if misses0 is not None else None
+        shares = server.worker_shares(per0, per1)
+        if balanced(shares, server.workers):
+            break
+        log(
+            f"  {endpoint} {load}: the workers' CPU shares were {shares} (wrk's connections"
+            f" did not reach every worker); attempt {attempt} of {BALANCE_ATTEMPTS}"
+        )
+    cpu = sum(per1.values()) - sum(per0.get(pid, 0.0) for pid in per1)
     secs = res["duration_us"] / 1e6
     n = max(1, res["requests"])
     errors = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
@@ -537,6 +574,8 @@ def measure(
         memory=server.memory(),
         loadavg_1m=round(os.getloadavg()[0], 2),
         cache_misses=None if misses1 is None or misses0 is None else misses1 - misses0,
+        worker_cpu_shares=shares,
+        attempts=attempt,
     )
     log(
         f"  {backend} {server.name} w{server.workers} {endpoint:7s} {load:4s}: "
@@ -546,6 +585,15 @@ def measure(
         + ("" if point.cache_misses is None else f"  cache misses {point.cache_misses}")
     )
     return point
+
+
+BALANCE = 0.5
+"""With several workers a point counts only if every worker did at least this part of
+its even share of the CPU (a quarter each for two): each worker serves the
+connections it accepted, and when one of them accepts all of wrk's connections
+the point measures one worker. Such a point is run again, up to
+``BALANCE_ATTEMPTS`` times in all (the last run is kept, with its shares)."""
+BALANCE_ATTEMPTS = 4
 
 
 ENDPOINTS = {
@@ -924,7 +972,11 @@ def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str])
         "(the Lua script paces requests on a fixed schedule; see `PACER` in bench/run.py). "
         "CPU/req = utime+stime of the server processes (/proc) ÷ requests; peak RSS = "
         "VmHWM (largest process). Each point's 1-minute load average is in the JSON "
-        "(`loadavg_1m`): on a shared machine, other processes compete for the CPUs.",
+        "(`loadavg_1m`): on a shared machine, other processes compete for the CPUs. "
+        "With several workers, each serves the connections it accepted: a point in which "
+        "a worker did less than half its even share of the CPU (wrk's connections did "
+        "not reach it) is run again, up to 4 times; each point's shares are in the JSON "
+        "(`worker_cpu_shares`, `attempts`).",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in cfg["commands"]),
         "",

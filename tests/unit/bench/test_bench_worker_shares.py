@@ -1,0 +1,55 @@
+"""The benchmark's check that a point's load reached every worker: read from /proc
+for a real process tree, it must tell a lopsided point from an even one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.run import Server, balanced
+
+_BUSY = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
+_IDLE = "import time; time.sleep(1.5)"
+
+
+def _shares(children: list[str], tmp_path: Path) -> list[float]:
+    """Worker shares of a parent that runs ``children`` (Python code) as its workers."""
+    parent = (
+        "import subprocess, sys\n"
+        f"kids = [subprocess.Popen([sys.executable, '-c', c]) for c in {children!r}]\n"
+        "for k in kids: k.wait()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    server = Server(
+        name="storyvault", workers=len(children), port=0, proc=proc, log=tmp_path / "log"
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while len(server.pids()) < len(children) + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        before = server.cpu_by_pid()
+        time.sleep(1.0)
+        return server.worker_shares(before, server.cpu_by_pid())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_point_whose_load_missed_a_worker_is_not_balanced(tmp_path: Path) -> None:
+    shares = _shares([_BUSY, _IDLE], tmp_path)
+    assert shares[0] > 0.9
+    assert not balanced(shares, 2)
+
+
+def test_a_point_that_kept_both_workers_busy_is_balanced(tmp_path: Path) -> None:
+    shares = _shares([_BUSY, _BUSY], tmp_path)
+    assert len(shares) == 2
+    assert balanced(shares, 2)
+
+
+def test_one_worker_is_always_balanced() -> None:
+    assert balanced([], 1)
+    assert not balanced([1.0, 0.0], 2)
+    assert balanced([0.6, 0.4], 2)
