@@ -18,6 +18,7 @@ head commit together, so the newest head always covers every stored leaf.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -98,6 +99,19 @@ _NODES_BY_KEY = Prepared(
     ).bindparams(
         bindparam("levels", type_=ARRAY(SmallInteger)),
         bindparam("indexes", type_=ARRAY(BigInteger)),
+    )
+)
+
+# SQLite: the same over a JSON array of [level, node_index] pairs, one primary-key
+# lookup per pair (an append that finds another instance's batch before it reads
+# the log's right edge this way: about 30 µs for a dozen subtrees, where an OR
+# term per subtree, built and compiled for each append, took about 470 µs).
+_NODES_BY_KEY_SQLITE = Prepared(
+    text(
+        "SELECT n.level, n.node_index, n.hash FROM json_each(:keys) AS k"
+        " CROSS JOIN audit_nodes AS n"
+        " ON n.level = json_extract(k.value, '$[0]')"
+        " AND n.node_index = json_extract(k.value, '$[1]')"
     )
 )
 
@@ -182,6 +196,11 @@ def read_nodes_sync(
 ) -> dict[tuple[int, int], bytes]:
     """The stored hashes of the perfect subtrees ``keys`` that exist."""
     wanted = sorted(keys)
+    if conn.dialect.name == "sqlite":
+        pairs = json.dumps([[lv, ix] for lv, ix in wanted])
+        return {
+            (lv, ix): bytes(h) for lv, ix, h in _NODES_BY_KEY_SQLITE.rows(conn, {"keys": pairs})
+        }
     found: dict[tuple[int, int], bytes] = {}
     for start in range(0, len(wanted), _NODE_CHUNK):
         chunk = wanted[start : start + _NODE_CHUNK]
