@@ -74,6 +74,16 @@ def run_steps(conn: Connection, steps: ReadSteps[T]) -> T:
 log = structlog.get_logger("storyvault.db")
 
 
+_BUSY_TIMEOUT_MS = 30_000
+"""How long a SQLite connection waits for another's lock (the busy timeout)."""
+
+_RESTART_WAIT_MS = 50
+"""How long a checkpoint's RESTART step waits for other writers and readers."""
+
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes of write-ahead log file SQLite keeps when the log starts over."""
+
+
 class DatabaseBusy(Exception):
     """Another process holds the SQLite database's write lock (nothing was written)."""
 
@@ -177,8 +187,11 @@ class Database:
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute(f"PRAGMA synchronous={sync}")
-                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
                 cur.execute("PRAGMA foreign_keys=ON")
+                # When the log starts over, its file is cut back to this size (it
+                # may have grown during a burst, or while a reader held old frames).
+                cur.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
                 cur.close()
 
             event.listen(self.engine.sync_engine, "connect", _pragmas)
@@ -407,17 +420,37 @@ class Database:
             self._writer = None
 
     async def _checkpoint_forever(self, interval: float) -> None:
+        """Each round copies the log into the database in two steps, both in a worker
+        thread: a PASSIVE checkpoint of the bulk while writes go on, then, with this
+        process's writers held back (``write_lock``), a RESTART checkpoint of the few
+        frames written meanwhile, which also sees to it that the next write starts
+        the log over from its beginning. Without that second step a log that is
+        written to every few milliseconds is never found fully copied when a write
+        begins, so it is never started over and grows without bound (gigabytes in
+        minutes under load, with its index mapped into every connection)."""
         assert self.sync_engine is not None
         engine = self.sync_engine
 
-        def checkpoint() -> None:
+        def checkpoint(mode: str) -> None:
             with engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+                if mode == "PASSIVE":
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
+                    return
+                # The RESTART step waits at most this long for another process's
+                # write or for readers of old frames; if they last longer, the next
+                # round tries again. (The pooled connection gets its timeout back.)
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
+                try:
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").all()
+                finally:
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
         while True:
             await asyncio.sleep(interval)
             try:
-                await asyncio.to_thread(checkpoint)
+                await asyncio.to_thread(checkpoint, "PASSIVE")
+                async with self.write_lock():
+                    await asyncio.to_thread(checkpoint, "RESTART")
             except Exception as exc:  # noqa: BLE001 - the next round retries
                 log.warning("sqlite.checkpoint_failed", error=type(exc).__name__)
 
