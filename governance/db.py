@@ -80,6 +80,13 @@ _BUSY_TIMEOUT_MS = 30_000
 _RESTART_WAIT_MS = 50
 """How long a checkpoint's RESTART step waits for other writers and readers."""
 
+_RESTART_FRAMES = 2048
+"""Frames (pages: 8 MiB at SQLite's 4 KiB) past which a checkpoint round makes sure
+the write-ahead log starts over, waiting for other writers and readers if need be."""
+
+_RESTART_WAIT_MS = 50
+"""How long that RESTART checkpoint waits for other writers and readers."""
+
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes of write-ahead log file SQLite keeps when the log starts over."""
 
@@ -420,28 +427,29 @@ class Database:
             self._writer = None
 
     async def _checkpoint_forever(self, interval: float) -> None:
-        """Each round copies the log into the database in two steps, both in a worker
-        thread: a PASSIVE checkpoint of the bulk while writes go on, then, with this
-        process's writers held back (``write_lock``), a RESTART checkpoint of the few
-        frames written meanwhile, which also sees to it that the next write starts
-        the log over from its beginning. Without that second step a log that is
-        written to every few milliseconds is never found fully copied when a write
-        begins, so it is never started over and grows without bound (gigabytes in
-        minutes under load, with its index mapped into every connection)."""
+        """Each round copies the log into the database file, in a worker thread: a
+        PASSIVE checkpoint of the bulk while writes go on, then another of the few
+        frames written meanwhile, with this process's writers held back
+        (``write_lock``). The log is then fully copied when the next write begins,
+        so that write starts it over from its beginning. (Without the second step
+        a log written to every few milliseconds was never found fully copied when
+        a write began, so it was never started over and grew without bound:
+        gigabytes in minutes under load, its index mapped into every connection.)
+        Should the log still pass ``_RESTART_FRAMES`` (another process writing all
+        the time, or readers of old frames), a RESTART checkpoint waits up to
+        ``_RESTART_WAIT_MS`` for them, holding new writers back, and starts it over."""
         assert self.sync_engine is not None
         engine = self.sync_engine
 
-        def checkpoint(mode: str) -> None:
+        def checkpoint(mode: str) -> int:
+            """Checkpoint; returns the frames the log held."""
             with engine.connect() as conn:
                 if mode == "PASSIVE":
-                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
-                    return
-                # The RESTART step waits at most this long for another process's
-                # write or for readers of old frames; if they last longer, the next
-                # round tries again. (The pooled connection gets its timeout back.)
+                    return int(conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()[1])
+                # The pooled connection gets its usual busy timeout back.
                 conn.exec_driver_sql(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
                 try:
-                    conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").all()
+                    return int(conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").one()[1])
                 finally:
                     conn.exec_driver_sql(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
@@ -450,7 +458,9 @@ class Database:
             try:
                 await asyncio.to_thread(checkpoint, "PASSIVE")
                 async with self.write_lock():
-                    await asyncio.to_thread(checkpoint, "RESTART")
+                    frames = await asyncio.to_thread(checkpoint, "PASSIVE")
+                    if frames > _RESTART_FRAMES:
+                        await asyncio.to_thread(checkpoint, "RESTART")
             except Exception as exc:  # noqa: BLE001 - the next round retries
                 log.warning("sqlite.checkpoint_failed", error=type(exc).__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Connection
 
-from governance.db import Database
+from governance.db import Database, DatabaseBusy
 
 
 def _fill(conn: Connection) -> None:
@@ -98,3 +98,38 @@ async def test_the_log_starts_over_under_steady_writes(tmp_path: Path) -> None:
         await db.dispose()
     assert count == rows
     assert largest < 12 * 1024 * 1024, f"the log grew to {largest / 2**20:.0f} MiB"
+
+
+async def test_the_log_starts_over_with_two_instances_writing(tmp_path: Path) -> None:
+    """Two instances on one file (two workers), each with its own checkpointer,
+    writing at the same time: the log still starts over."""
+    db_file = tmp_path / "story.db"
+    wal = tmp_path / "story.db-wal"
+    dbs = [
+        Database(f"sqlite+aiosqlite:///{db_file}", sqlite_synchronous="NORMAL") for _ in range(2)
+    ]
+    largest = 0
+
+    async def write(db: Database, n: int) -> None:
+        nonlocal largest
+        for _ in range(n):
+            while True:
+                try:
+                    async with db.write_lock():
+                        await db.write_inline(_fill_large)
+                    break
+                except DatabaseBusy:  # the other instance holds the file: as the audit log does
+                    await asyncio.sleep(0.001)
+            if wal.exists():
+                largest = max(largest, wal.stat().st_size)
+
+    try:
+        for db in dbs:
+            db.start_checkpointer(interval=0.05)
+        await write(dbs[0], 1)  # the table
+        await asyncio.gather(write(dbs[0], 1_500), write(dbs[1], 1_500))
+    finally:
+        for db in dbs:
+            await db.dispose()
+    # About 48 MB went through the log (without the fix it grew to about 70 MiB).
+    assert largest < 24 * 1024 * 1024, f"the log grew to {largest / 2**20:.0f} MiB"
