@@ -77,9 +77,6 @@ log = structlog.get_logger("storyvault.db")
 _BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for another's lock (the busy timeout)."""
 
-_RESTART_WAIT_MS = 50
-"""How long a checkpoint's RESTART step waits for other writers and readers."""
-
 _RESTART_FRAMES = 2048
 """Frames (pages: 8 MiB at SQLite's 4 KiB) past which a checkpoint round makes sure
 the write-ahead log starts over, waiting for other writers and readers if need be."""
