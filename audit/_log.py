@@ -73,7 +73,7 @@ DEFAULT_LOCK_ID = 0x53544F5259415544
 MAX_PAGE = 1000
 
 _NODE_CHUNK = 100
-"""Node keys per query: keeps OR-lists far below SQLite's expression depth limit."""
+"""Node keys per query where they are OR terms (not SQLite): keeps the lists short."""
 
 _SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 

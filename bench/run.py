@@ -280,9 +280,6 @@ class Server:
             out[pid] = (int(fields[11]) + int(fields[12])) / ticks
         return out
 
-    def cpu_seconds(self) -> float:
-        return sum(self.cpu_by_pid().values())
-
     def worker_shares(self, before: dict[int, float], after: dict[int, float]) -> list[float]:
         """Each worker's share of the workers' CPU between two ``cpu_by_pid`` readings,
         largest first (empty with one worker, which is the server process itself).
@@ -974,9 +971,9 @@ def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str])
         "VmHWM (largest process). Each point's 1-minute load average is in the JSON "
         "(`loadavg_1m`): on a shared machine, other processes compete for the CPUs. "
         "With several workers, each serves the connections it accepted: a point in which "
-        "a worker did less than half its even share of the CPU (wrk's connections did "
-        "not reach it) is run again, up to 4 times; each point's shares are in the JSON "
-        "(`worker_cpu_shares`, `attempts`).",
+        f"a worker did less than {BALANCE:g} of its even share of the CPU (wrk's "
+        f"connections did not reach it) is run again, up to {BALANCE_ATTEMPTS} times; "
+        "each point's shares are in the JSON (`worker_cpu_shares`, `attempts`).",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in cfg["commands"]),
         "",
