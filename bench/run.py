@@ -491,7 +491,7 @@ class Point:
     loadavg_1m: float = 0.0
     """Machine load when the point ended: other processes share the CPUs."""
     cache_misses: int | None = None
-    """Row- and data-key-cache misses during the point, all workers (Story Vault's
+    """Story- and data-key-cache misses during the point, all workers (Story Vault's
     reads of a customer; None elsewhere)."""
     worker_cpu_shares: list[float] = field(default_factory=list)
     """Each worker's share of the workers' CPU during the point (several workers)."""
@@ -607,7 +607,7 @@ CACHE_COUNTERS = (
 
 
 def cache_misses(server: Server) -> int | None:
-    """Row-cache plus data-key-cache misses summed over the server's workers, or None
+    """Story-cache plus data-key-cache misses summed over the server's workers, or None
     if not every worker answered. ``/metrics`` is per process: each scrape, on a new
     connection, reaches one worker; an idle worker's counters do not move, so each
     distinct set of counter values is one worker."""
@@ -760,8 +760,9 @@ PROFILE_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("Gate.read_story", "Database.query"),
     ),
     ("&nbsp;&nbsp;&nbsp;&nbsp;story rows from the database (cache misses)", ("story_rows",)),
-    ("&nbsp;&nbsp;decrypting the story (`Vault.open_story`)", ("Vault.open_story",)),
-    ("&nbsp;&nbsp;&nbsp;&nbsp;of which AES-GCM (`open_value`)", ("open_value",)),
+    ("&nbsp;&nbsp;opening the story (`Vault.open_loaded`)", ("Vault.open_loaded",)),
+    ("&nbsp;&nbsp;&nbsp;&nbsp;from its rows (story cache misses)", ("Vault.open_story",)),
+    ("&nbsp;&nbsp;&nbsp;&nbsp;from the story cache (`StoryCache.get`)", ("StoryCache.get",)),
     ("&nbsp;&nbsp;audit leaf encoding (`EncodedEntry.of`)", ("EncodedEntry.of",)),
     ("audit group commit (`AuditWriter._run`)", ("AuditWriter._run",)),
     ("&nbsp;&nbsp;commit (worker thread, SQLite)", ("DefaultDialect.do_commit",)),

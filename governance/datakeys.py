@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -75,6 +75,10 @@ class KeyCache:
                 break
             del entries[oldest_id]
 
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
     def pop(self, dek_id: str) -> None:
         self._entries.pop(dek_id, None)
 
@@ -110,8 +114,18 @@ class DataKeys:
             KeyCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
         )
         self._lock = threading.Lock()
+        self._forget_listeners: list[Callable[[list[str]], None]] = []
         self.hits = 0
         self.misses = 0
+
+    @property
+    def cache_ttl(self) -> float | None:
+        """Seconds an unwrapped key stays cached; None when keys are not cached."""
+        return None if self._cache is None else self._cache.ttl
+
+    def on_forget(self, listener: Callable[[list[str]], None]) -> None:
+        """Call ``listener`` with the ids of keys destroyed (or forgotten) here."""
+        self._forget_listeners.append(listener)
 
     def _remember(self, dek_id: str, key: bytes) -> None:
         if self._cache is not None:
@@ -119,10 +133,13 @@ class DataKeys:
                 self._cache.put(dek_id, key)
 
     def forget(self, dek_ids: Iterable[str]) -> None:
+        ids = list(dek_ids)
         if self._cache is not None:
             with self._lock:
-                for dek_id in dek_ids:
+                for dek_id in ids:
                     self._cache.pop(dek_id)
+        for listener in self._forget_listeners:
+            listener(ids)
 
     async def for_write(self, customer_id: str, scope: str) -> tuple[str, AESGCM]:
         """The live key of (customer, scope), created (and committed) on first use.
@@ -196,6 +213,23 @@ class DataKeys:
         raw = self.ring.unwrap(version, wrapped, dek_aad(customer_id, scope, dek_id))
         self._remember(dek_id, raw)
         return AESGCM(raw)
+
+    async def present(self, dek_ids: Sequence[str]) -> Sequence[str]:
+        """Those of ``dek_ids`` that still exist (are not destroyed): from the cache,
+        else from the key store (and then cached). ``dek_ids`` itself when all do."""
+        cache = self._cache
+        if cache is None:
+            missing = list(dek_ids)
+        else:
+            with self._lock:
+                missing = [dek_id for dek_id in dek_ids if cache.get(dek_id) is None]
+        if not missing:
+            self.hits += len(dek_ids)
+            return dek_ids
+        self.hits += len(dek_ids) - len(missing)
+        found = await self.for_read(set(missing))
+        gone = set(missing).difference(found)
+        return [dek_id for dek_id in dek_ids if dek_id not in gone]
 
     async def for_read(self, dek_ids: set[str]) -> dict[str, AESGCM]:
         """Unwrapped keys for the given ids; destroyed keys are simply absent."""

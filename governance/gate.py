@@ -9,7 +9,7 @@ before anything leaves. Any error on the way means nothing is disclosed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,7 +27,7 @@ from governance.keys import KeyRing
 from governance.metrics import count_decisions, count_withheld
 from governance.models import CATEGORY_STATES, CUSTOMERS
 from governance.teams import KEY_LOOKUP, PresentedKey, Principal, Teams
-from governance.vault import Chapter, Vault
+from governance.vault import Chapter, LoadedStory, Vault
 from policies import Action, DecisionTable, Mask, PolicyEngine, apply_mask
 
 __all__ = ["AuditSink", "Gate", "GateDecision", "StoryView"]
@@ -90,7 +90,7 @@ class _Loaded:
     principal: Principal
     status: str
     decision: GateDecision
-    rows: Sequence[Any]
+    story: LoadedStory
 
 
 class AuditSink(Protocol):
@@ -294,8 +294,8 @@ class Gate:
         # statement, which spares expanding a dozen IN parameters per read.
         granted = decision.granted
         wanted = None if len(granted) == len(self._all_categories) else sorted(granted)
-        rows = yield from self.vault.cached_story_rows(customer_id, version, wanted)
-        return _Loaded(principal=principal, status=status, decision=decision, rows=rows)
+        story = yield from self.vault.cached_story(customer_id, version, wanted)
+        return _Loaded(principal=principal, status=status, decision=decision, story=story)
 
     async def read_story(
         self,
@@ -318,7 +318,7 @@ class Gate:
         principal = loaded.principal
         decision = loaded.decision
         subject = self.ring.pseudonym(customer_id)
-        story = await self.vault.open_story(customer_id, loaded.status, loaded.rows)
+        story = await self.vault.open_loaded(loaded.status, loaded.story)
         profile = {
             name: self._mask(decision.granted[story.profile_categories[name]], value)
             for name, value in story.profile.items()

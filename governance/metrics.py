@@ -28,7 +28,7 @@ from audit import AppendResult, AuditEntry, BatchLog, EncodedEntry
 
 if TYPE_CHECKING:
     from governance.datakeys import DataKeys
-    from governance.vault import StoryRowCache
+    from governance.vault import StoryCache
 
 __all__ = [
     "AUDIT_BATCH_FAILURES",
@@ -109,7 +109,7 @@ class _CacheCollector(Collector):
     """Reads the hit/miss counts of every live cache of one kind when scraped."""
 
     def __init__(self, prefix: str, hits_help: str, misses_help: str) -> None:
-        self.caches: weakref.WeakSet[DataKeys | StoryRowCache] = weakref.WeakSet()
+        self.caches: weakref.WeakSet[DataKeys | StoryCache] = weakref.WeakSet()
         self._prefix = prefix
         self._help = (hits_help, misses_help)
 
@@ -130,8 +130,8 @@ _KEY_CACHE = _CacheCollector(
 )
 _STORY_CACHE = _CacheCollector(
     "storyvault_story_cache",
-    "Gated reads whose sealed rows came from the row cache (story unchanged)",
-    "Gated reads that loaded the sealed rows from the database",
+    "Gated reads whose story came from the story cache (story unchanged)",
+    "Gated reads that loaded the story's sealed rows from the database",
 )
 REGISTRY.register(_KEY_CACHE)
 REGISTRY.register(_STORY_CACHE)
@@ -142,6 +142,6 @@ def watch_key_cache(keys: DataKeys) -> None:
     _KEY_CACHE.caches.add(keys)
 
 
-def watch_story_cache(cache: StoryRowCache) -> None:
-    """Include the row cache's counts in ``/metrics`` for as long as it lives."""
+def watch_story_cache(cache: StoryCache) -> None:
+    """Include the story cache's counts in ``/metrics`` for as long as it lives."""
     _STORY_CACHE.caches.add(cache)

@@ -80,10 +80,10 @@ class StoryVault(Operations, InsightsOperations):
         )
         watch_key_cache(self.keys)
         self.vault = Vault(
-            self.ring, self.catalog, self.keys, row_cache_rows=settings.story_cache_rows
+            self.ring, self.catalog, self.keys, story_cache_rows=settings.story_cache_rows
         )
-        if self.vault.row_cache is not None:
-            watch_story_cache(self.vault.row_cache)
+        if self.vault.story_cache is not None:
+            watch_story_cache(self.vault.story_cache)
         self.teams = Teams(self.ring)
         self.identity = Identity(
             self.ring, code_ttl=settings.login_code_ttl, session_ttl=settings.session_ttl

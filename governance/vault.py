@@ -9,15 +9,19 @@ vault for exactly the granted categories.
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
 import msgspec
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import (
     DateTime,
     Select,
@@ -55,8 +59,11 @@ from governance.models import (
 
 __all__ = [
     "Chapter",
+    "LoadedStory",
+    "OpenedStory",
     "SealedRow",
     "Story",
+    "StoryCache",
     "Vault",
     "sealed_rows",
     "story_rows",
@@ -192,8 +199,7 @@ author_team are None for a profile value (src 0). Still a ciphertext."""
 
 def sealed_rows(customer_id: str, rows: Iterable[Sequence[Any]]) -> tuple[SealedRow, ...]:
     """``rows`` of ``story_rows`` with the per-row work that does not need a key done
-    once: the value's associated data (``value_aad``) and its time in UTC. The row
-    cache keeps this form, so a cached read only looks up keys and decrypts."""
+    once: the value's associated data (``value_aad``) and its time in UTC."""
     out: list[SealedRow] = []
     for src, ref, category, kind, occurred_at, author_team, dek_id, sealed in rows:
         aad = value_aad(customer_id, ref, ref if src == 0 else category, dek_id)
@@ -202,8 +208,30 @@ def sealed_rows(customer_id: str, rows: Iterable[Sequence[Any]]) -> tuple[Sealed
     return tuple(out)
 
 
-class StoryRowCache:
-    """The sealed rows of recent gated reads, for one process.
+class OpenedStory(msgspec.Struct, array_like=True, frozen=True):
+    """A story's opened values as the story cache seals them: the profile (with each
+    field's category and data-key id) and the chapters (with theirs)."""
+
+    profile: dict[str, str]
+    profile_categories: dict[str, str]
+    profile_keys: dict[str, str]
+    chapters: list[Chapter]
+    chapter_keys: list[str]
+
+
+_encode_opened = msgspec.json.Encoder().encode
+# JSON rather than MessagePack: a chapter body may hold an integer wider than 64 bits,
+# which JSON carries as it is.
+_decode_opened = msgspec.json.Decoder(OpenedStory).decode
+
+_CacheKey = tuple[str, tuple[str, ...] | None]
+# (story_version, key generation, nonce + ciphertext, data-key ids, values): only
+# atomic parts, so the collector does not track the entries.
+_CacheEntry = tuple[int, int, bytes, tuple[str, ...], int]
+
+
+class StoryCache:
+    """Recently read stories, opened and sealed again under a key of this process.
 
     Keyed by (customer, categories read): a read loads only its granted
     categories, so each purpose's view is an entry of its own. An entry is used
@@ -211,61 +239,131 @@ class StoryRowCache:
     fetches with the customer row anyway; database triggers bump that version on
     every change to the customer's profile values or chapters (migration 0003),
     so a change made through any instance counts from the next read on every
-    instance. The rows stay sealed (``sealed_rows``): ciphertexts, opened per read with keys
-    from the key store's cache (a destroyed key still makes its values vanish).
-    At most ``max_rows`` rows in all (memory follows rows, not stories: a story
-    can have thousands of chapters), least recently used out first; a story
-    larger than the whole bound is not kept. Used on the event loop's thread
-    only (``Database.read`` runs there).
+    instance.
+
+    A cached read decrypts one value (the story, AES-256-GCM under the cache's
+    key, its associated data binding it to customer, categories and version)
+    instead of one per field and chapter. The cache's key lives in this process
+    only and is replaced every ``key_lifetime`` seconds; an entry sealed under a
+    key older than the one before is unusable and dropped, so nothing in the
+    cache can be opened longer than about two lifetimes after it was written.
+    ``Vault`` sets the lifetime to half the data-key cache's TTL: the story
+    cache exposes no value for longer than that cache may hold its key. The
+    read still asks the key store whether every data key the entry's values
+    came from still exists (``DataKeys.present``), so a destroyed key makes its
+    values vanish as it does without the cache, and destroying keys through
+    this process drops the entries that hold their values (``drop_keys``).
+
+    At most ``max_rows`` values (profile fields and chapters) in all, least
+    recently used out first; a story larger than the whole bound is not kept.
+    Used on the event loop's thread only (``Database.query`` runs its steps
+    there).
     """
 
-    def __init__(self, max_rows: int) -> None:
+    def __init__(
+        self, max_rows: int, key_lifetime: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if max_rows < 1:
-            raise ValueError("a story row cache needs max_rows >= 1")
+            raise ValueError("a story cache needs max_rows >= 1")
+        if key_lifetime <= 0:
+            raise ValueError("a story cache needs key_lifetime > 0")
         self._max_rows = max_rows
+        self._lifetime = key_lifetime
+        self._clock = clock
         self._rows = 0
-        self._entries: OrderedDict[
-            tuple[str, tuple[str, ...] | None], tuple[int, tuple[Any, ...]]
-        ] = OrderedDict()
+        self._entries: OrderedDict[_CacheKey, _CacheEntry] = OrderedDict()
+        self._keys: dict[int, AESGCM] = {}
+        self._now: int | None = None
         self.hits = 0
         self.misses = 0
 
+    def _current(self) -> tuple[int, AESGCM]:
+        """The current generation and its key. When the generation has moved on, a
+        new key is made and keys older than the previous generation are forgotten
+        (checked on every use, as the data-key cache checks its expiry)."""
+        now = int(self._clock() // self._lifetime)
+        if now != self._now:
+            self._keys = {g: k for g, k in self._keys.items() if g >= now - 1}
+            self._keys[now] = AESGCM(AESGCM.generate_key(bit_length=256))
+            self._now = now
+        return now, self._keys[now]
+
+    @staticmethod
+    def _aad(customer_id: str, categories: tuple[str, ...] | None, version: int) -> bytes:
+        wanted = "*" if categories is None else ",".join(categories)
+        return f"{customer_id}\x1f{wanted}\x1f{version}".encode()
+
     def get(
         self, customer_id: str, categories: tuple[str, ...] | None, version: int
-    ) -> tuple[Any, ...] | None:
+    ) -> tuple[OpenedStory, tuple[str, ...]] | None:
+        """The cached story and the ids of the data keys its values came from, or None
+        (not cached, changed since, or sealed under a key now gone)."""
         key = (customer_id, categories)
         entry = self._entries.get(key)
         if entry is None or entry[0] != version:
             self.misses += 1
             return None
+        _, generation, sealed, dek_ids, _ = entry
+        self._current()
+        aead = self._keys.get(generation)
+        if aead is None:
+            self._remove(key)
+            self.misses += 1
+            return None
+        try:
+            plain = aead.decrypt(
+                sealed[:12], sealed[12:], self._aad(customer_id, categories, version)
+            )
+        except InvalidTag:  # not what was sealed for this key: never served
+            self._remove(key)
+            self.misses += 1
+            return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return entry[1]
+        return _decode_opened(plain), dek_ids
 
     def put(
         self,
         customer_id: str,
         categories: tuple[str, ...] | None,
         version: int,
-        rows: Sequence[Any],
-    ) -> tuple[Any, ...]:
-        stored = tuple(rows)
+        story: OpenedStory,
+    ) -> None:
         key = (customer_id, categories)
+        self._remove(key)
+        rows = len(story.profile) + len(story.chapters)
+        if rows > self._max_rows:
+            return
+        generation, aead = self._current()
+        nonce = os.urandom(12)
+        sealed = nonce + aead.encrypt(
+            nonce, _encode_opened(story), self._aad(customer_id, categories, version)
+        )
+        dek_ids = tuple(set(story.profile_keys.values()).union(story.chapter_keys))
+        self._entries[key] = (version, generation, sealed, dek_ids, rows)
+        self._rows += rows
+        while self._rows > self._max_rows:
+            _, evicted = self._entries.popitem(last=False)
+            self._rows -= evicted[4]
+
+    def _remove(self, key: _CacheKey) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            self._rows -= len(old[1])
-        if len(stored) > self._max_rows:
-            return stored
-        self._entries[key] = (version, stored)
-        self._rows += len(stored)
-        while self._rows > self._max_rows:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self._rows -= len(evicted)
-        return stored
+            self._rows -= old[4]
+
+    def drop_keys(self, dek_ids: Iterable[str]) -> None:
+        """Forget every entry holding a value sealed under one of ``dek_ids`` (their
+        keys were destroyed). Walks all entries: erasure is rare, and an index by
+        key would be one more object per key for the collector to walk."""
+        gone = set(dek_ids)
+        if not gone:
+            return
+        for key in [k for k, e in self._entries.items() if not gone.isdisjoint(e[3])]:
+            self._remove(key)
 
     @property
     def rows(self) -> int:
-        """Rows held, over all entries."""
+        """Values held (profile fields and chapters), over all entries."""
         return self._rows
 
     def clear(self) -> None:
@@ -276,30 +374,96 @@ class StoryRowCache:
         return len(self._entries)
 
 
+@dataclass(slots=True, frozen=True)
+class LoadedStory:
+    """What a gated read's database visit found of the story (``Vault.cached_story``):
+    the story from the story cache with its data-key ids, or its sealed rows."""
+
+    customer_id: str
+    categories: tuple[str, ...] | None
+    version: int
+    rows: tuple[SealedRow, ...]
+    cached: tuple[OpenedStory, tuple[str, ...]] | None
+
+
+def _keeping_keys(opened: OpenedStory, present: set[str]) -> OpenedStory:
+    """``opened`` without the values whose data keys are gone (destroyed since it was
+    cached, through another instance)."""
+    fields = [f for f, k in opened.profile_keys.items() if k in present]
+    kept = [
+        (c, k) for c, k in zip(opened.chapters, opened.chapter_keys, strict=True) if k in present
+    ]
+    return OpenedStory(
+        {f: opened.profile[f] for f in fields},
+        {f: opened.profile_categories[f] for f in fields},
+        {f: opened.profile_keys[f] for f in fields},
+        [c for c, _ in kept],
+        [k for _, k in kept],
+    )
+
+
 class Vault:
     def __init__(
-        self, ring: KeyRing, catalog: Catalog, keys: DataKeys, *, row_cache_rows: int = 0
+        self, ring: KeyRing, catalog: Catalog, keys: DataKeys, *, story_cache_rows: int = 0
     ) -> None:
         self.ring = ring
         self.catalog = catalog
         self.keys = keys
-        self.row_cache = StoryRowCache(row_cache_rows) if row_cache_rows > 0 else None
+        # The story cache holds opened values (sealed under a key of its own), so it
+        # exists only with a data-key cache and forgets within that cache's TTL.
+        ttl = keys.cache_ttl
+        self.story_cache = (
+            StoryCache(story_cache_rows, key_lifetime=ttl / 2)
+            if story_cache_rows > 0 and ttl is not None
+            else None
+        )
+        if self.story_cache is not None:
+            keys.on_forget(self.story_cache.drop_keys)
 
-    def cached_story_rows(
+    def cached_story(
         self, customer_id: str, version: int, categories: Sequence[str] | None
-    ) -> ReadSteps[Sequence[SealedRow]]:
-        """``sealed_rows`` of ``story_rows`` through the row cache (when there is one),
-        for the customer's current ``story_version``: steps for ``Database.query``."""
-        cache = self.row_cache
+    ) -> ReadSteps[LoadedStory]:
+        """The story in ``categories`` (all when None) at the customer's current
+        ``story_version``: from the story cache when it has it, else its
+        ``sealed_rows`` (steps for ``Database.query``); ``open_loaded`` opens either."""
+        cache = self.story_cache
         wanted = None if categories is None else tuple(categories)
         if cache is not None:
-            rows = cache.get(customer_id, wanted, version)
-            if rows is not None:
-                return rows
-        loaded = sealed_rows(customer_id, (yield story_rows_step(customer_id, categories)))
+            cached = cache.get(customer_id, wanted, version)
+            if cached is not None:
+                return LoadedStory(customer_id, wanted, version, (), cached)
+        rows = sealed_rows(customer_id, (yield story_rows_step(customer_id, categories)))
+        return LoadedStory(customer_id, wanted, version, rows, None)
+
+    async def open_loaded(self, status: str, loaded: LoadedStory) -> Story:
+        """The story of ``cached_story``. A cached story keeps only the values whose
+        data keys still exist; one opened from its rows goes into the cache."""
+        customer_id = loaded.customer_id
+        if loaded.cached is not None:
+            opened, dek_ids = loaded.cached
+            present = await self.keys.present(dek_ids)
+            if len(present) != len(dek_ids):
+                opened = _keeping_keys(opened, set(present))
+            return Story(
+                customer_id, status, opened.profile, opened.profile_categories, opened.chapters
+            )
+        cache = self.story_cache
         if cache is None:
-            return loaded
-        return cache.put(customer_id, wanted, version, loaded)
+            return await self.open_story(customer_id, status, loaded.rows)
+        profile_keys: dict[str, str] = {}
+        chapter_keys: list[str] = []
+        story = await self.open_story(
+            customer_id, status, loaded.rows, (profile_keys, chapter_keys)
+        )
+        cache.put(
+            customer_id,
+            loaded.categories,
+            loaded.version,
+            OpenedStory(
+                story.profile, story.profile_categories, profile_keys, story.chapters, chapter_keys
+            ),
+        )
+        return story
 
     # --- validation ----------------------------------------------------
     def validate_profile(
@@ -531,8 +695,16 @@ class Vault:
         )
         return await self.open_story(customer_id, customer.status, sealed_rows(customer_id, rows))
 
-    async def open_story(self, customer_id: str, status: str, rows: Sequence[SealedRow]) -> Story:
-        """Decrypt the rows of ``sealed_rows``; values whose key was destroyed are gone."""
+    async def open_story(
+        self,
+        customer_id: str,
+        status: str,
+        rows: Sequence[SealedRow],
+        noted: tuple[dict[str, str], list[str]] | None = None,
+    ) -> Story:
+        """Decrypt the rows of ``sealed_rows``; values whose key was destroyed are gone.
+        With ``noted`` (profile field -> key id, chapter key ids in order), notes there
+        the data key each opened value came from, for the story cache."""
         story = Story(customer_id=customer_id, status=status)
         if not rows:
             return story
@@ -546,9 +718,13 @@ class Vault:
             if src == 0:
                 story.profile[ref] = open_value(aead, sealed, aad).decode()
                 story.profile_categories[ref] = category
+                if noted is not None:
+                    noted[0][ref] = dek_id
                 continue
             body = open_value(aead, sealed, aad)
             story.chapters.append(
                 Chapter(ref, category, kind, occurred_at, author_team, _decode_body(body))
             )
+            if noted is not None:
+                noted[1].append(dek_id)
         return story

@@ -920,7 +920,7 @@ async def test_story_cache_follows_every_change_on_every_instance(
     support = org["support"]
     app_b = create_app(settings, migrate=False)
     async with AsyncTestClient(app=app_b, raise_server_exceptions=False) as b:
-        cache = b.app.state.vault.vault.row_cache
+        cache = b.app.state.vault.vault.story_cache
         assert cache is not None
 
         async def story_on_b() -> dict[str, Any]:
@@ -970,3 +970,65 @@ async def test_story_cache_follows_every_change_on_every_instance(
         after_delete = await story_on_b()
         assert new_chapter not in {c["id"] for c in after_delete["chapters"]}
         assert len(after_delete["chapters"]) == len(first["chapters"])
+
+
+async def test_a_cached_story_loses_the_values_of_a_key_destroyed_elsewhere(
+    client: AsyncTestClient[Any],
+    org: Org,
+    settings: Any,
+    direct: StoryVault,
+) -> None:
+    """Instance B serves a story from its story cache. Another instance destroys the
+    data key of one category in the key store (the chapter's ciphertext stays until
+    the purge, as after an erasure, so the story's version does not change). Once B's
+    copy of that key has expired, B's next read, still from its story cache, no longer
+    shows the chapter: the cache holds opened values, and the read asks the key store
+    whether their keys still exist."""
+    cid = await full_story(client, org)
+    support = org["support"]
+    app_b = create_app(settings, migrate=False)
+    async with AsyncTestClient(app=app_b, raise_server_exceptions=False) as b:
+        sv_b = b.app.state.vault
+        cache = sv_b.vault.story_cache
+        assert cache is not None
+
+        async def categories_on_b() -> set[str]:
+            resp = await read(b, support, cid, "service.support")
+            assert resp.status_code == 200, resp.text
+            return disclosed(resp.json())
+
+        before = await categories_on_b()
+        assert "support.ticket" in before
+        hits = cache.hits
+        assert await categories_on_b() == before
+        assert cache.hits == hits + 1
+
+        destroyed = await direct.keys.destroy(cid, ["support.ticket"])
+        assert len(destroyed) == 1
+        # B's copy of the key expires (its TTL, here at once): the white-box step.
+        sv_b.keys._cache.pop(destroyed[0])
+        after = await categories_on_b()
+        assert after == before - {"support.ticket"}
+        assert cache.hits == hits + 2  # still the cached story, without that chapter
+        assert await categories_on_b() == after
+
+
+async def test_destroying_keys_drops_the_cached_stories_they_opened(
+    client: AsyncTestClient[Any], org: Org, direct: StoryVault
+) -> None:
+    """An instance that destroys a customer's data keys (erasure) forgets at once every
+    cached story holding values opened with them, not just when its key is replaced."""
+    cid = await full_story(client, org)
+    other = await full_story(client, org)
+    vault = direct.vault
+    cache = vault.story_cache
+    assert cache is not None
+    for customer in (cid, other):
+        loaded = await direct.db.query(lambda c=customer: vault.cached_story(c, 1, None))
+        story = await vault.open_loaded("active", loaded)
+        assert story.chapters
+    assert len(cache) == 2
+    await direct.keys.destroy(cid, ["support.ticket"])
+    assert len(cache) == 1
+    assert cache.get(cid, None, 1) is None
+    assert cache.get(other, None, 1) is not None

@@ -1,14 +1,16 @@
-"""The two in-memory caches of the gated read: unwrapped data keys and sealed rows."""
+"""The two in-memory caches of the gated read: unwrapped data keys and opened stories
+(sealed under a key of the cache's own)."""
 
 from __future__ import annotations
 
 import gc
 import os
+from datetime import UTC, datetime
 
 import pytest
 
 from governance.datakeys import KeyCache
-from governance.vault import StoryRowCache
+from governance.vault import Chapter, OpenedStory, StoryCache
 
 
 class Clock:
@@ -78,38 +80,120 @@ def test_key_cache_refuses_a_useless_bound() -> None:
         KeyCache(10, 0.0)
 
 
-def test_row_cache_serves_only_the_version_it_loaded() -> None:
-    cache = StoryRowCache(100)
-    rows = [(0, "name", "identity.name", None, None, None, "dek", b"sealed")]
+def story(*chapters: str, name: str = "Ada Lovelace", key: str = "dek-1") -> OpenedStory:
+    return OpenedStory(
+        profile={"name": name},
+        profile_categories={"name": "identity.name"},
+        profile_keys={"name": key},
+        chapters=[
+            Chapter(
+                ch,
+                "support.ticket",
+                "ticket",
+                datetime(2025, 3, 1, 9, 30, 15, 250, tzinfo=UTC),
+                "support",
+                {"subject": f"Broken {ch}", "n": 2**70, "x": 1.5, "tags": ["a", None]},
+            )
+            for ch in chapters
+        ],
+        chapter_keys=[f"dek-{ch}" for ch in chapters],
+    )
+
+
+def test_story_cache_serves_only_the_version_it_loaded() -> None:
+    cache = StoryCache(100, key_lifetime=60.0)
+    opened = story("ch1", "ch2")
     assert cache.get("c1", None, 3) is None
-    cache.put("c1", None, 3, rows)
-    assert cache.get("c1", None, 3) == tuple(rows)
+    cache.put("c1", None, 3, opened)
+    got = cache.get("c1", None, 3)
+    assert got is not None
+    assert got[0] == opened  # every value as it was, chapter bodies' types too
+    assert sorted(got[1]) == ["dek-1", "dek-ch1", "dek-ch2"]
     assert cache.get("c1", None, 4) is None  # changed since: reload
     assert cache.get("c1", ("identity.name",), 3) is None  # another view: its own entry
     assert (cache.hits, cache.misses) == (1, 3)
 
 
-def test_row_cache_keeps_the_most_recently_used_within_its_rows() -> None:
-    cache = StoryRowCache(4)
-    row = (1, "ch", "support.ticket", "ticket", None, "support", "dek", b"sealed")
-    cache.put("a", None, 1, [row, row])
-    cache.put("b", None, 1, [row])
+def test_story_cache_keeps_values_sealed() -> None:
+    """What the cache holds is ciphertext: no value appears in its memory as text,
+    and an entry moved to another customer's place is refused, not served."""
+    cache = StoryCache(100, key_lifetime=60.0)
+    cache.put("c1", None, 1, story("ch1", name="Wilhelmina Sealed"))
+    cache.put("c2", None, 1, story("ch2", name="Other Person"))
+    held = repr(cache._entries).encode()
+    assert b"Wilhelmina" not in held
+    assert b"Broken" not in held
+    assert all(b"Wilhelmina" not in e[2] for e in cache._entries.values())
+    cache._entries["c2", None] = cache._entries["c1", None]
+    assert cache.get("c2", None, 1) is None
+    assert cache.get("c1", None, 1) is not None
+
+
+def test_story_cache_forgets_its_keys_within_two_lifetimes() -> None:
+    clock = Clock()
+    cache = StoryCache(100, key_lifetime=10.0, clock=clock)
+    cache.put("c1", None, 1, story("ch1"))
+    clock.now += 10.0  # the next key: the entry's is still the previous one
+    assert cache.get("c1", None, 1) is not None
+    cache.put("c2", None, 1, story("ch2"))
+    clock.now += 10.0  # the entry's key is now two generations old: gone
+    assert cache.get("c1", None, 1) is None
+    assert len(cache._keys) == 2  # only this generation's and the one before
+    assert cache.get("c2", None, 1) is not None
+    clock.now += 25.0
+    assert cache.get("c2", None, 1) is None
+    assert (len(cache), cache.rows) == (0, 0)
+
+
+def test_story_cache_drops_what_destroyed_keys_sealed() -> None:
+    cache = StoryCache(100, key_lifetime=60.0)
+    cache.put("c1", None, 1, story("ch1", key="dek-a"))
+    cache.put("c1", ("identity.name",), 1, story(key="dek-a"))
+    cache.put("c2", None, 1, story("ch2", key="dek-b"))
+    cache.drop_keys(["dek-a"])
+    assert (len(cache), cache.rows) == (1, 2)
+    assert cache.get("c1", None, 1) is None
+    assert cache.get("c2", None, 1) is not None
+    cache.drop_keys(["dek-ch2"])  # a chapter's key alone is enough
+    assert (len(cache), cache.rows) == (0, 0)
+
+
+def test_story_cache_keeps_the_most_recently_used_within_its_rows() -> None:
+    cache = StoryCache(6, key_lifetime=60.0)
+    cache.put("a", None, 1, story("ch1"))  # 2 values each: a profile field and a chapter
+    cache.put("b", None, 1, story("ch1"))
     assert cache.get("a", None, 1) is not None  # a is now the most recent
-    cache.put("c", None, 1, [row, row])  # 5 rows: b, the least recent, goes
+    cache.put("c", None, 1, story("ch1", "ch2"))  # 3 values: 7 in all, b goes
     assert cache.get("b", None, 1) is None
     assert cache.get("a", None, 1) is not None
+    assert (len(cache), cache.rows) == (2, 5)
+    cache.put("a", None, 2, story())  # a new version replaces the old entry
     assert (len(cache), cache.rows) == (2, 4)
-    cache.put("a", None, 2, [row])  # a new version replaces the old entry
-    assert (len(cache), cache.rows) == (2, 3)
     cache.clear()
     assert (len(cache), cache.rows) == (0, 0)
 
 
-def test_row_cache_does_not_keep_a_story_larger_than_its_bound() -> None:
-    cache = StoryRowCache(3)
-    row = (1, "ch", "support.ticket", "ticket", None, "support", "dek", b"sealed")
-    cache.put("small", None, 1, [row])
-    assert len(cache.put("huge", None, 1, [row] * 4)) == 4  # served, not kept
+def test_story_cache_does_not_keep_a_story_larger_than_its_bound() -> None:
+    cache = StoryCache(3, key_lifetime=60.0)
+    cache.put("small", None, 1, story())
+    cache.put("huge", None, 1, story("ch1", "ch2", "ch3"))
     assert cache.get("huge", None, 1) is None
     assert cache.get("small", None, 1) is not None
     assert cache.rows == 1
+
+
+def test_story_cache_entries_are_not_tracked_by_the_collector() -> None:
+    cache = StoryCache(100, key_lifetime=60.0)
+    cache.put("c1", None, 1, story("ch1", "ch2"))
+    # Atomic parts only: the collector stops tracking an entry once it has seen it
+    # (the inner tuple of key ids in one pass, the entry in the next).
+    gc.collect()
+    gc.collect()
+    assert [e for e in cache._entries.values() if gc.is_tracked(e)] == []
+
+
+def test_story_cache_refuses_a_useless_bound() -> None:
+    with pytest.raises(ValueError, match="max_rows"):
+        StoryCache(0, key_lifetime=60.0)
+    with pytest.raises(ValueError, match="key_lifetime"):
+        StoryCache(10, key_lifetime=0.0)
