@@ -100,9 +100,11 @@ class DataKeys:
     live key ring. (The key store's own backups get a short retention.)
 
     Unwrapped keys are cached (bounded size and TTL) so the gated read does
-    no KEK work on a warm path; destroying a key evicts it here, and values of
-    a destroyed key are deleted in the same transaction, so a stale cache entry
-    in another instance has nothing left to decrypt.
+    no KEK work on a warm path; destroying a key evicts it here (and tells
+    ``on_forget`` listeners: the story cache drops what it opened). Another
+    instance may hold its copy until the TTL ends; erasure also marks the
+    categories erased in the story database, which every instance's gated read
+    withholds from its next read on, whatever its caches hold.
     """
 
     def __init__(

@@ -263,7 +263,7 @@ class Gate:
         consent standing (with the API key's row when it comes unresolved: 401
         unless it is a valid key, then 403 unless the team has a read rule), the
         category states if any were erased or held, then exactly the granted
-        parts' sealed rows."""
+        parts of the story (from the story cache, else their sealed rows)."""
         params = {"customer_id": customer_id, "purpose": purpose}
         if isinstance(credential, PresentedKey):
             if credential.digest is None:

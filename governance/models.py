@@ -66,7 +66,7 @@ class CustomerRow(SQLModel, table=True):
     # consult category_states (keeps the common read one query shorter).
     restricted: bool = Field(default=False)
     # Bumped by database triggers on every change to the customer's profile values
-    # or chapters (migration 0003): the gated read's row cache is valid while it is.
+    # or chapters (migration 0003): the gated read's story cache is valid while it is.
     story_version: int = Field(
         default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
     )

@@ -110,8 +110,10 @@ class Settings:
     db_pool_size: int = 32
     """Open connections kept per PostgreSQL database and process."""
     story_cache_rows: int = 250_000
-    """Sealed story rows the gated read keeps per process (per customer and categories
-    read, each story valid while it is unchanged): ~825 bytes a row; 0: none."""
+    """Story values (profile fields and chapters) the gated read keeps per process, per
+    customer and categories read, each story sealed under a key of the process and
+    valid while it is unchanged (``governance.vault.StoryCache``): ~290 bytes a
+    value; 0: none. Off when the data-key cache is off."""
     insights_k: int = 10
     """Smallest group an aggregate insight may show."""
     retention_interval: float = 3600.0

@@ -904,7 +904,7 @@ async def test_policy_change_reaches_another_instance_within_a_second(
             assert a.app.state.vault.policy.version == vault_b.policy.version
 
 
-# --- the row cache across instances --------------------------------------------------
+# --- the story cache across instances ------------------------------------------------
 
 
 async def test_story_cache_follows_every_change_on_every_instance(
@@ -913,7 +913,7 @@ async def test_story_cache_follows_every_change_on_every_instance(
     settings: Any,
     direct: StoryVault,
 ) -> None:
-    """Instance B serves repeated reads from its row cache, and still shows each change
+    """Instance B serves repeated reads from its story cache, and still shows each change
     made through instance A (a chapter, a profile field) and one made in the database
     by hand (a deleted chapter) from its very next read."""
     cid = await full_story(client, org)

@@ -169,7 +169,7 @@ async def test_key_cache_metrics_move(
     assert value(after, hits) > value(before, hits)
     assert value(after, misses) > value(before, misses)
     assert value(after, hits) >= vault.keys.hits
-    # the same story read again comes from the row cache (the story did not change)
+    # the same story read again comes from the story cache (the story did not change)
     story_hits = "storyvault_story_cache_hits_total"
     assert value(after, story_hits) >= value(before, story_hits) + 2
     assert value(after, "storyvault_story_cache_misses_total") >= 1

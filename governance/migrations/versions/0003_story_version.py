@@ -1,8 +1,9 @@
 """customers.story_version, bumped by triggers on every change to a story's stored rows
 
-The gated read keeps the sealed rows it loaded in a bounded per-instance cache
-(``governance.vault.StoryRowCache``) and uses them only while the customer's
-``story_version`` is the one it read them under. The read fetches that version
+The gated read keeps the stories it opened in a bounded per-instance cache
+(``governance.vault.StoryCache``; until 2026-12-06 the sealed rows it loaded) and
+uses them only while the customer's ``story_version`` is the one it read them
+under. The read fetches that version
 with the customer row it needs anyway, so every instance sees every change from
 its next read on. Triggers, not application code, do the bump: no write path
 (a bulk import, an operator's SQL, a restore's replay) can forget it.
