@@ -959,7 +959,7 @@ def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str])
         "",
         f"Load: `wrk -t1 -c{cfg['connections']} -d{cfg['duration']}s` after a "
         f"warm-up of at least {cfg['warmup']} s that, for Story Vault's reads, reads all "
-        "customers again until a whole pass adds no row- or data-key-cache miss on any "
+        "customers again until a whole pass adds no story- or data-key-cache miss on any "
         "worker (as in a service that has been running: its caches and the page cache "
         "warm; the naive reference caches nothing); wrk rotates over all customer ids. "
         "*Cache misses* are those counted during the point itself (`/metrics`, all "
