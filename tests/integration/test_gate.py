@@ -1013,6 +1013,22 @@ async def test_a_cached_story_loses_the_values_of_a_key_destroyed_elsewhere(
         assert await categories_on_b() == after
 
 
+async def test_no_story_cache_without_a_data_key_cache(settings: Any) -> None:
+    """The story cache holds opened values and forgets them within the data-key cache's
+    TTL; an operator who turns that cache off (size or TTL 0) turns it off too."""
+    with_cache = StoryVault(settings)
+    try:
+        assert with_cache.vault.story_cache is not None
+    finally:
+        await with_cache.stop()
+    for off in ({"dek_cache_size": 0}, {"dek_cache_ttl": 0.0}):
+        vault = StoryVault(dataclasses.replace(settings, **off))
+        try:
+            assert vault.vault.story_cache is None, off
+        finally:
+            await vault.stop()
+
+
 async def test_destroying_keys_drops_the_cached_stories_they_opened(
     client: AsyncTestClient[Any], org: Org, direct: StoryVault
 ) -> None:
