@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from governance.catalog import CatalogError
+from governance.demo import demo_stories
 from governance.errors import SettingsError
 from governance.keys import KeyRingError
 from governance.logs import configure_logging
@@ -78,9 +79,11 @@ def serve(workers: int | None) -> None:
         for key in vault.demo_keys:
             table.add_row(key.team, key.id, key.secret)
         out.print(table)
+        support = next(k for k in vault.demo_keys if k.team == "support")
+        email = demo_stories(1)[0]["profile"]["email"]  # the first demo customer
         out.print(
-            f"Try: curl -H 'Authorization: Bearer {vault.demo_keys[2].secret}' "
-            f"'{url}/v1/customers?email=ana.alvarez0@example.com&purpose=service.support'"
+            f"Try: curl -H 'Authorization: Bearer {support.secret}' "
+            f"'{url}/v1/customers?email={email}&purpose=service.support'"
         )
     uvicorn.run(
         "api.asgi:app_factory",
