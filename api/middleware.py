@@ -1,7 +1,10 @@
 """ASGI middleware: request ids, one log line per request, security headers.
 
-The request line logs method, route template, status and duration only —
-never the query string (it may carry an e-mail), headers or bodies.
+The request line logs method, route template, status and duration — never the
+query string (it may carry an e-mail), headers or bodies — and the decision the
+request led to, if any (the gated read's: team, customer pseudonym, purpose,
+categories disclosed and withheld with reasons, policy version, audit index;
+see ``governance.logs.log_decision``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any, cast
 import structlog
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from governance.logs import RequestFields, end_request_fields, start_request_fields
 
 __all__ = ["RequestLogMiddleware", "request_id", "security_headers"]
 
@@ -65,12 +70,12 @@ async def security_headers(message: Message, scope: Scope) -> None:
     if _LOG_STATE not in state:
         # The router answered (404, 405) before any route's middleware ran.
         rid = uuid.uuid4().hex
-        _write_line(scope, message["status"], None, request_id=rid)
+        _write_line(scope, message["status"], None, {}, request_id=rid)
         wanted.append((b"x-request-id", rid.encode()))
     elif (deferred := state[_LOG_STATE]) is not None:
         state[_LOG_STATE] = None
-        rid, start = deferred
-        _write_line(scope, message["status"], start)
+        rid, start, fields = deferred
+        _write_line(scope, message["status"], start, fields)
         structlog.contextvars.unbind_contextvars("request_id")
         wanted.append((b"x-request-id", rid.encode()))
     for name, value in wanted:
@@ -79,17 +84,21 @@ async def security_headers(message: Message, scope: Scope) -> None:
     message["headers"] = headers
 
 
-def _write_line(scope: Scope, status: int, start: float | None, **extra: Any) -> None:
+def _write_line(
+    scope: Scope, status: int, start: float | None, fields: RequestFields, **extra: Any
+) -> None:
     route = scope.get("path_template") or "unmatched"
     if route != "/metrics":
-        log.info(
-            "http.request",
-            **extra,
+        event = dict(
+            extra,
             method=scope.get("method"),
             route=route,
             status=status,
             duration_ms=None if start is None else round((time.perf_counter() - start) * 1000, 2),
         )
+        for name, value in fields.items():  # the decision's, after the request's own
+            event.setdefault(name, value)
+        log.info("http.request", **event)
 
 
 # The API docs page (Scalar) loads its script and stylesheet from jsDelivr and
@@ -128,18 +137,20 @@ class RequestLogMiddleware:
             await send(message)
 
         deferred = False
+        token = start_request_fields()
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
-            if not started:
-                # A middleware refused or failed (401 from authentication, 503 when the
-                # key lookup cannot reach the database): Litestar's outer exception
-                # handler answers after this frame, past send_wrapper. Its before_send
-                # hook (security_headers) sees that answer and writes the line then.
-                state[_LOG_STATE] = (request_id, start)
-                deferred = True
+            # A middleware refused or failed (401 from authentication, 503 when the
+            # key lookup cannot reach the database): Litestar's outer exception
+            # handler answers after this frame, past send_wrapper. Its before_send
+            # hook (security_headers) sees that answer and writes the line then.
+            deferred = not started
             raise
         finally:
-            if not deferred:
-                _write_line(scope, status, start)
+            fields = end_request_fields(token)
+            if deferred:
+                state[_LOG_STATE] = (request_id, start, fields)
+            else:
+                _write_line(scope, status, start, fields)
                 structlog.contextvars.unbind_contextvars("request_id")

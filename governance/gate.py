@@ -24,6 +24,7 @@ from governance.catalog import Catalog
 from governance.db import Database, ReadSteps
 from governance.errors import Forbidden, InvalidInput, NotFound, Unauthorized
 from governance.keys import KeyRing
+from governance.logs import log_decision
 from governance.metrics import count_decisions, count_withheld
 from governance.models import CATEGORY_STATES, CUSTOMERS
 from governance.teams import KEY_LOOKUP, PresentedKey, Principal, Teams
@@ -115,7 +116,7 @@ class StoryView:
     customer_id: str
     purpose: str
     profile: dict[str, Any]
-    chapters: list[Chapter]
+    chapters: list[Chapter] | msgspec.Raw  # Raw: the cached chapters' JSON, sent as is
     withheld: list[dict[str, str]]
     audit_index: int
 
@@ -324,12 +325,20 @@ class Gate:
             for name, value in story.profile.items()
         }
         granted = decision.granted
-        chapters = [
-            ch
-            if granted[ch.category] == Mask.NONE
-            else msgspec.structs.replace(ch, body=self._mask(granted[ch.category], ch.body))
-            for ch in story.chapters
-        ]
+        # Chapters from the story cache stay the JSON it holds (the response's own
+        # encoding of them) unless a mask applies to one of their categories.
+        chapters = story.chapters
+        if isinstance(chapters, msgspec.Raw) and any(
+            granted[c] != Mask.NONE for c in story.chapter_categories
+        ):
+            chapters = story.opened_chapters()
+        if not isinstance(chapters, msgspec.Raw):
+            chapters = [
+                ch
+                if granted[ch.category] == Mask.NONE
+                else msgspec.structs.replace(ch, body=self._mask(granted[ch.category], ch.body))
+                for ch in chapters
+            ]
         withheld = [{"category": c, "reason": r} for c, r in decision.withheld]
         # Data leaves only after its audit entry is durable: the append returns
         # once the group commit holding it has committed. If it fails, the
@@ -350,7 +359,8 @@ class Gate:
         )
         count_decisions("read", "disclosed", len(decision.granted))
         count_withheld("read", decision.withheld)
-        log.info(
+        log_decision(
+            log,
             "gate.read",
             team=principal.team,
             subject=subject,

@@ -2,6 +2,12 @@
 
 The scrubbing processor is a second line of defence: code never logs personal
 values, and if a key that usually carries one slips in, it is replaced.
+
+A decision taken while serving an HTTP request (the gated read's) goes on that
+request's own line (``decision``: its event name, then its fields) instead of a
+line of its own: one line per request says what was asked, what was decided and
+how it was answered, and costs one line's rendering and write, not two. Outside
+a request the decision is a line of its own. See ``log_decision``.
 """
 
 from __future__ import annotations
@@ -9,12 +15,21 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
+from contextvars import ContextVar, Token
 from typing import Any, TextIO
 
 import msgspec
 import structlog
 
-__all__ = ["PERSONAL_KEYS", "configure_logging", "scrub_personal"]
+__all__ = [
+    "PERSONAL_KEYS",
+    "RequestFields",
+    "configure_logging",
+    "end_request_fields",
+    "log_decision",
+    "scrub_personal",
+    "start_request_fields",
+]
 
 PERSONAL_KEYS = frozenset(
     {
@@ -48,6 +63,38 @@ def scrub_personal(
     for key in PERSONAL_KEYS.intersection(event):
         event[key] = "[scrubbed]"
     return event
+
+
+RequestFields = dict[str, Any]
+
+_REQUEST_FIELDS: ContextVar[RequestFields | None] = ContextVar(
+    "storyvault_request_fields", default=None
+)
+
+
+def start_request_fields() -> Token[RequestFields | None]:
+    """Open the fields of the request being served (its log middleware calls this as
+    the request starts, and ``end_request_fields`` with the token when it ends)."""
+    return _REQUEST_FIELDS.set({})
+
+
+def end_request_fields(token: Token[RequestFields | None]) -> RequestFields:
+    """The fields decisions added to the request (for its line), and close them."""
+    fields = _REQUEST_FIELDS.get() or {}
+    _REQUEST_FIELDS.reset(token)
+    return fields
+
+
+def log_decision(logger: Any, event: str, **fields: Any) -> None:
+    """Log the decision ``event`` with ``fields``: on the line of the request being
+    served (as ``decision=event`` and the fields), or on a line of its own when no
+    request is (a job, a command, a direct call)."""
+    pending = _REQUEST_FIELDS.get()
+    if pending is None:
+        logger.info(event, **fields)
+        return
+    pending["decision"] = event
+    pending.update(fields)
 
 
 _ENCODER = msgspec.json.Encoder(enc_hook=repr)

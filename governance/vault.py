@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -58,7 +59,10 @@ from governance.models import (
 )
 
 __all__ = [
+    "CacheHit",
+    "CachedStory",
     "Chapter",
+    "GatedStory",
     "LoadedStory",
     "OpenedStory",
     "SealedRow",
@@ -219,15 +223,52 @@ class OpenedStory(msgspec.Struct, array_like=True, frozen=True):
     chapter_keys: list[str]
 
 
+class CachedStory(msgspec.Struct, array_like=True, frozen=True):
+    """An ``OpenedStory`` as a story-cache hit decodes it: the chapters are left as
+    the JSON array the cache holds, which is also how a response encodes them (the
+    same encoder, the same fields), so a read that masks and drops none of them
+    sends that array as it is instead of decoding and encoding every chapter."""
+
+    profile: dict[str, str]
+    profile_categories: dict[str, str]
+    profile_keys: dict[str, str]
+    chapters: msgspec.Raw
+    chapter_keys: list[str]
+
+    def opened(self) -> OpenedStory:
+        """The same story with its chapters decoded."""
+        return OpenedStory(
+            self.profile,
+            self.profile_categories,
+            self.profile_keys,
+            _decode_chapters(self.chapters),
+            self.chapter_keys,
+        )
+
+
 _encode_opened = msgspec.json.Encoder().encode
 # JSON rather than MessagePack: a chapter body may hold an integer wider than 64 bits,
 # which JSON carries as it is.
-_decode_opened = msgspec.json.Decoder(OpenedStory).decode
+_decode_cached = msgspec.json.Decoder(CachedStory).decode
+_decode_chapters = msgspec.json.Decoder(list[Chapter]).decode
 
 _CacheKey = tuple[str, tuple[str, ...] | None]
-# (story_version, key generation, nonce + ciphertext, data-key ids, values): only
-# atomic parts, so the collector does not track the entries.
-_CacheEntry = tuple[int, int, bytes, tuple[str, ...], int]
+# (story_version, key generation, nonce + ciphertext, data-key ids, values, the
+# chapters' categories): only atomic parts, so the collector does not track the
+# entries.
+_CacheEntry = tuple[int, int, bytes, tuple[str, ...], int, tuple[str, ...]]
+
+
+@dataclass(slots=True, frozen=True)
+class CacheHit:
+    """A story from the story cache: the story, the ids of the data keys its values
+    came from, and the distinct categories of its chapters (taken from the chapters
+    when they were cached, so a read knows without decoding them whether a mask
+    applies to any)."""
+
+    story: CachedStory
+    dek_ids: tuple[str, ...]
+    chapter_categories: tuple[str, ...]
 
 
 class StoryCache:
@@ -295,15 +336,15 @@ class StoryCache:
 
     def get(
         self, customer_id: str, categories: tuple[str, ...] | None, version: int
-    ) -> tuple[OpenedStory, tuple[str, ...]] | None:
-        """The cached story and the ids of the data keys its values came from, or None
-        (not cached, changed since, or sealed under a key now gone)."""
+    ) -> CacheHit | None:
+        """The cached story, or None (not cached, changed since, or sealed under a key
+        now gone)."""
         key = (customer_id, categories)
         entry = self._entries.get(key)
         if entry is None or entry[0] != version:
             self.misses += 1
             return None
-        _, generation, sealed, dek_ids, _ = entry
+        _, generation, sealed, dek_ids, _, chapter_categories = entry
         self._current()
         aead = self._keys.get(generation)
         if aead is None:
@@ -320,7 +361,7 @@ class StoryCache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return _decode_opened(plain), dek_ids
+        return CacheHit(_decode_cached(plain), dek_ids, chapter_categories)
 
     def put(
         self,
@@ -340,7 +381,9 @@ class StoryCache:
             nonce, _encode_opened(story), self._aad(customer_id, categories, version)
         )
         dek_ids = tuple(set(story.profile_keys.values()).union(story.chapter_keys))
-        self._entries[key] = (version, generation, sealed, dek_ids, rows)
+        # Interned: the few category names are then shared by every entry.
+        in_chapters = tuple(sorted({sys.intern(c.category) for c in story.chapters}))
+        self._entries[key] = (version, generation, sealed, dek_ids, rows, in_chapters)
         self._rows += rows
         while self._rows > self._max_rows:
             _, evicted = self._entries.popitem(last=False)
@@ -377,13 +420,33 @@ class StoryCache:
 @dataclass(slots=True, frozen=True)
 class LoadedStory:
     """What a gated read's database visit found of the story (``Vault.cached_story``):
-    the story from the story cache with its data-key ids, or its sealed rows."""
+    the story from the story cache, or its sealed rows."""
 
     customer_id: str
     categories: tuple[str, ...] | None
     version: int
     rows: tuple[SealedRow, ...]
-    cached: tuple[OpenedStory, tuple[str, ...]] | None
+    cached: CacheHit | None
+
+
+@dataclass(slots=True, frozen=True)
+class GatedStory:
+    """A story as the gated read opens it (``Vault.open_loaded``). ``chapters`` is
+    either the opened chapters or, when they came from the story cache with every
+    data key still there, the JSON array the cache holds (``msgspec.Raw``: the
+    chapters exactly as a response encodes them), whose distinct categories are
+    ``chapter_categories``; ``opened_chapters`` decodes it."""
+
+    customer_id: str
+    status: str
+    profile: dict[str, str]
+    profile_categories: dict[str, str]
+    chapters: list[Chapter] | msgspec.Raw
+    chapter_categories: tuple[str, ...] = ()
+
+    def opened_chapters(self) -> list[Chapter]:
+        chapters = self.chapters
+        return _decode_chapters(chapters) if isinstance(chapters, msgspec.Raw) else chapters
 
 
 def _keeping_keys(opened: OpenedStory, present: set[str]) -> OpenedStory:
@@ -435,35 +498,51 @@ class Vault:
         rows = sealed_rows(customer_id, (yield story_rows_step(customer_id, categories)))
         return LoadedStory(customer_id, wanted, version, rows, None)
 
-    async def open_loaded(self, status: str, loaded: LoadedStory) -> Story:
+    async def open_loaded(self, status: str, loaded: LoadedStory) -> GatedStory:
         """The story of ``cached_story``. A cached story keeps only the values whose
         data keys still exist; one opened from its rows goes into the cache."""
         customer_id = loaded.customer_id
-        if loaded.cached is not None:
-            opened, dek_ids = loaded.cached
+        hit = loaded.cached
+        if hit is not None:
+            cached, dek_ids = hit.story, hit.dek_ids
             present = await self.keys.present(dek_ids)
-            if len(present) != len(dek_ids):
-                opened = _keeping_keys(opened, set(present))
-            return Story(
+            if len(present) == len(dek_ids):
+                return GatedStory(
+                    customer_id,
+                    status,
+                    cached.profile,
+                    cached.profile_categories,
+                    cached.chapters,
+                    hit.chapter_categories,
+                )
+            opened = _keeping_keys(cached.opened(), set(present))
+            return GatedStory(
                 customer_id, status, opened.profile, opened.profile_categories, opened.chapters
             )
         cache = self.story_cache
         if cache is None:
-            return await self.open_story(customer_id, status, loaded.rows)
-        profile_keys: dict[str, str] = {}
-        chapter_keys: list[str] = []
-        story = await self.open_story(
-            customer_id, status, loaded.rows, (profile_keys, chapter_keys)
+            story = await self.open_story(customer_id, status, loaded.rows)
+        else:
+            profile_keys: dict[str, str] = {}
+            chapter_keys: list[str] = []
+            story = await self.open_story(
+                customer_id, status, loaded.rows, (profile_keys, chapter_keys)
+            )
+            cache.put(
+                customer_id,
+                loaded.categories,
+                loaded.version,
+                OpenedStory(
+                    story.profile,
+                    story.profile_categories,
+                    profile_keys,
+                    story.chapters,
+                    chapter_keys,
+                ),
+            )
+        return GatedStory(
+            customer_id, status, story.profile, story.profile_categories, story.chapters
         )
-        cache.put(
-            customer_id,
-            loaded.categories,
-            loaded.version,
-            OpenedStory(
-                story.profile, story.profile_categories, profile_keys, story.chapters, chapter_keys
-            ),
-        )
-        return story
 
     # --- validation ----------------------------------------------------
     def validate_profile(

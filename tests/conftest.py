@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -144,6 +145,19 @@ class _Templates:
 _TEMPLATES: _Templates | None = None
 
 
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """A copy of the database ``source`` with everything committed to it, through
+    SQLite's backup API: the file alone can lack what is still in its write-ahead
+    log (a checkpoint that a reader held back when the template's app stopped)."""
+    src = sqlite3.connect(source)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+
+
 @pytest.fixture(scope="session")
 def templates(tmp_path_factory: pytest.TempPathFactory) -> _Templates:
     global _TEMPLATES  # noqa: PLW0603  (one set per test session)
@@ -165,7 +179,7 @@ def database_url(
     request.node.stash[_ORG_KEY] = tmpl["headers"]
     if backend == "sqlite":
         for name in ("storyvault.db", "storyvault-keys.db"):
-            shutil.copy2(tmpl["dir"] / name, tmp_path / name)
+            _copy_sqlite(tmpl["dir"] / name, tmp_path / name)
         return f"sqlite+aiosqlite:///{tmp_path / 'storyvault.db'}"
     assert server is not None
     name = "t_" + uuid.uuid4().hex[:12]

@@ -163,14 +163,19 @@ class GatedReadController(Controller):
             await vault.team_principal(credential)  # 401 before the 400
             raise
         view = await vault.read_story(credential, cid, purpose, request_id())
+        chapters: Any = view.chapters
+        if not isinstance(chapters, msgspec.Raw):
+            chapters = [
+                StoryChapter(c.id, c.category, c.kind, c.occurred_at, c.author_team, c.body)
+                for c in chapters
+            ]
+        # else: the story cache's JSON of the chapters, encoded by the same encoder
+        # from the same fields as StoryChapter; msgspec writes a Raw value as it is.
         return StoryRead(
             customer_id=view.customer_id,
             purpose=view.purpose,
             profile=view.profile,
-            chapters=[
-                StoryChapter(c.id, c.category, c.kind, c.occurred_at, c.author_team, c.body)
-                for c in view.chapters
-            ],
+            chapters=chapters,
             withheld=[WithheldPart(**w) for w in view.withheld],
             audit_index=view.audit_index,
         )

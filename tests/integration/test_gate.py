@@ -972,6 +972,57 @@ async def test_story_cache_follows_every_change_on_every_instance(
         assert len(after_delete["chapters"]) == len(first["chapters"])
 
 
+async def test_cached_chapters_are_masked_and_sent_as_an_uncached_read_sends_them(
+    client: AsyncTestClient[Any], org: Org, direct: StoryVault
+) -> None:
+    """A read served from the story cache answers byte for byte as the read that
+    filled it (chapters included, which a hit sends as the JSON the cache holds),
+    and a mask on a chapter category still applies to a cached story: the view
+    that reads ``support.ticket`` redacted never shows the cached, unmasked body."""
+    cid = await full_story(client, org)
+    cache = client.app.state.vault.vault.story_cache
+    assert cache is not None
+
+    def without_index(resp: Any) -> bytes:
+        assert resp.status_code == 200, resp.text
+        index = resp.json()["audit_index"]
+        return bytes(resp.content.replace(f'"audit_index":{index}'.encode(), b""))
+
+    misses = cache.misses
+    first = await read(client, org["support"], cid, "service.support")
+    hits = cache.hits
+    second = await read(client, org["support"], cid, "service.support")
+    assert (cache.misses, cache.hits) == (misses + 1, hits + 1)
+    assert without_index(second) == without_index(first)
+    ticket = next(c for c in second.json()["chapters"] if c["category"] == "support.ticket")
+    assert ticket["body"] == {"subject": "Tent pole snapped in the wind"}
+
+    # The same categories for another purpose, one of them masked: a view of its own
+    # (the granted set is the cache key), then the mask on every read of it.
+    async with direct.db.session() as session:
+        catalog = direct._policy_catalog(await direct.teams.team_names(session))
+    for category, mask in (("identity.name", None), ("support.ticket", "redact")):
+        await direct.policy_store.add_rule(
+            RuleSpec(
+                team="compliance",
+                category=category,
+                action="read",
+                purpose="service.support",
+                mask=mask,
+            ),
+            catalog,
+        )
+    await wait_for_policy(client, await direct.policy_store.current_version())
+    hits = cache.hits
+    for _ in range(2):
+        resp = await read(client, org["compliance"], cid, "service.support")
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert [c["body"] for c in body["chapters"]] == [{"subject": None}]
+        assert body["profile"] == {"name": PROFILE["name"]}
+    assert cache.hits == hits + 1  # the second read came from the cache, masked
+
+
 async def test_a_cached_story_loses_the_values_of_a_key_destroyed_elsewhere(
     client: AsyncTestClient[Any],
     org: Org,

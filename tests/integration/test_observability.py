@@ -287,6 +287,74 @@ async def test_request_log_line_records_the_status_the_client_got(
         assert r.headers["cache-control"] == "no-store"
 
 
+async def test_a_gated_read_logs_its_decision_on_its_request_line(
+    client: AsyncTestClient[Any], org: dict[str, dict[str, str]], direct: Any
+) -> None:
+    """One line per gated read: the request's own line carries the decision (team,
+    customer pseudonym, purpose, categories disclosed and withheld with reasons,
+    policy version, the audit entry's index), with no second line for it. A read
+    that is refused, or the next request, carries no decision; a read outside any
+    request (a job, a direct call) logs the decision on a line of its own."""
+    from tests.conftest import _LOG
+
+    support, marketing = org["support"], org["marketing"]
+    cid = await _customer(client, support, "obs.decision.line@example.org")
+    story = f"/v1/customers/{cid}/story"
+    since = len(_LOG.getvalue())
+    read = await client.get(f"{story}{P}", headers=support)
+    assert read.status_code == 200, read.text
+    refused = await client.get(f"{story}?purpose=marketing.email", headers=marketing)
+    assert refused.status_code == 200  # no consent: everything withheld, still audited
+    bad = await client.get(f"{story}?purpose=nope", headers=support)
+    assert bad.status_code == 400
+    health = await client.get("/health")
+    lines = _request_lines(since)
+    assert [e["status"] for e in lines] == [200, 200, 400, 200]
+    first, second, third, fourth = lines
+    body = read.json()
+    vault = client.app.state.vault
+    assert first["decision"] == "gate.read"
+    assert first["request_id"] == read.headers["x-request-id"]
+    assert (first["team"], first["purpose"]) == ("support", "service.support")
+    assert first["subject"] == vault.ring.pseudonym(cid)
+    assert first["audit_index"] == body["audit_index"]
+    assert first["disclosed"] == [  # support's read rules for service.support (demo policy)
+        "commerce.invoice",
+        "commerce.purchase",
+        "contact.address",
+        "contact.email",
+        "contact.phone",
+        "demographic.birthday",
+        "engagement.interaction",
+        "identity.name",
+        "preference",
+        "support.ticket",
+    ]
+    assert first["withheld"] == [f"{w['category']}:{w['reason']}" for w in body["withheld"]]
+    assert second["decision"] == "gate.read"
+    assert second["disclosed"] == []
+    assert second["audit_index"] == refused.json()["audit_index"]
+    assert second["withheld"] == [
+        f"{w['category']}:{w['reason']}" for w in refused.json()["withheld"]
+    ]
+    assert "decision" not in third
+    assert "decision" not in fourth
+    assert health.status_code == 200
+    # No line of its own for a decision made while serving a request.
+    assert '"event":"gate.read"' not in _LOG.getvalue()[since:]
+
+    since = len(_LOG.getvalue())
+    await direct.start(migrate=False)
+    key = direct.presented_key(support["Authorization"].removeprefix("Bearer "))
+    view = await direct.read_story(key, cid, "service.support", None)
+    own = [
+        json.loads(line)
+        for line in _LOG.getvalue()[since:].splitlines()
+        if '"event":"gate.read"' in line
+    ]
+    assert [(e["team"], e["audit_index"]) for e in own] == [("support", view.audit_index)]
+
+
 def test_every_worker_process_logs_json_lines(settings: Settings) -> None:
     """With several worker processes (``STORYVAULT_WORKERS``), each worker logs the
     same JSON lines as a single process, through the same scrubbing processors: a

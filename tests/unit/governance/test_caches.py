@@ -7,6 +7,7 @@ import gc
 import os
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from governance.datakeys import KeyCache
@@ -107,8 +108,12 @@ def test_story_cache_serves_only_the_version_it_loaded() -> None:
     cache.put("c1", None, 3, opened)
     got = cache.get("c1", None, 3)
     assert got is not None
-    assert got[0] == opened  # every value as it was, chapter bodies' types too
-    assert sorted(got[1]) == ["dek-1", "dek-ch1", "dek-ch2"]
+    assert got.story.opened() == opened  # every value as it was, chapter bodies' types too
+    # The chapters stay JSON, byte for byte as an encoder with msgspec's defaults
+    # (a response's) writes them, with their categories known without decoding it.
+    assert bytes(got.story.chapters) == msgspec.json.encode(opened.chapters)
+    assert got.chapter_categories == ("support.ticket",)
+    assert sorted(got.dek_ids) == ["dek-1", "dek-ch1", "dek-ch2"]
     assert cache.get("c1", None, 4) is None  # changed since: reload
     assert cache.get("c1", ("identity.name",), 3) is None  # another view: its own entry
     assert (cache.hits, cache.misses) == (1, 3)
