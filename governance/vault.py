@@ -442,7 +442,7 @@ class GatedStory:
     profile: dict[str, str]
     profile_categories: dict[str, str]
     chapters: list[Chapter] | msgspec.Raw
-    chapter_categories: tuple[str, ...] = ()
+    chapter_categories: tuple[str, ...]  # no default: masks are checked against it
 
     def opened_chapters(self) -> list[Chapter]:
         chapters = self.chapters
@@ -517,7 +517,12 @@ class Vault:
                 )
             opened = _keeping_keys(cached.opened(), set(present))
             return GatedStory(
-                customer_id, status, opened.profile, opened.profile_categories, opened.chapters
+                customer_id,
+                status,
+                opened.profile,
+                opened.profile_categories,
+                opened.chapters,
+                (),  # opened chapters: each is masked by its own category
             )
         cache = self.story_cache
         if cache is None:
@@ -541,7 +546,7 @@ class Vault:
                 ),
             )
         return GatedStory(
-            customer_id, status, story.profile, story.profile_categories, story.chapters
+            customer_id, status, story.profile, story.profile_categories, story.chapters, ()
         )
 
     # --- validation ----------------------------------------------------
