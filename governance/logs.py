@@ -67,34 +67,48 @@ def scrub_personal(
 
 RequestFields = dict[str, Any]
 
-_REQUEST_FIELDS: ContextVar[RequestFields | None] = ContextVar(
-    "storyvault_request_fields", default=None
-)
+
+class _Open:
+    """The fields of one request being served, until its line is written."""
+
+    __slots__ = ("fields", "open")
+
+    def __init__(self) -> None:
+        self.fields: RequestFields = {}
+        self.open = True
 
 
-def start_request_fields() -> Token[RequestFields | None]:
+_REQUEST_FIELDS: ContextVar[_Open | None] = ContextVar("storyvault_request_fields", default=None)
+
+
+def start_request_fields() -> Token[_Open | None]:
     """Open the fields of the request being served (its log middleware calls this as
     the request starts, and ``end_request_fields`` with the token when it ends)."""
-    return _REQUEST_FIELDS.set({})
+    return _REQUEST_FIELDS.set(_Open())
 
 
-def end_request_fields(token: Token[RequestFields | None]) -> RequestFields:
-    """The fields decisions added to the request (for its line), and close them."""
-    fields = _REQUEST_FIELDS.get() or {}
+def end_request_fields(token: Token[_Open | None]) -> RequestFields:
+    """The fields decisions added to the request (for its line), and close them: a
+    decision logged later (by a task the request started, which copied its context)
+    gets a line of its own instead of being lost."""
+    pending = _REQUEST_FIELDS.get()
     _REQUEST_FIELDS.reset(token)
-    return fields
+    if pending is None:
+        return {}
+    pending.open = False
+    return pending.fields
 
 
 def log_decision(logger: Any, event: str, **fields: Any) -> None:
     """Log the decision ``event`` with ``fields``: on the line of the request being
     served (as ``decision=event`` and the fields), or on a line of its own when no
-    request is (a job, a command, a direct call)."""
+    request is (a job, a command, a direct call) or its line is already written."""
     pending = _REQUEST_FIELDS.get()
-    if pending is None:
+    if pending is None or not pending.open:
         logger.info(event, **fields)
         return
-    pending["decision"] = event
-    pending.update(fields)
+    pending.fields["decision"] = event
+    pending.fields.update(fields)
 
 
 _ENCODER = msgspec.json.Encoder(enc_hook=repr)
