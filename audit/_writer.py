@@ -1,9 +1,32 @@
 """Group commit: many concurrent ``append`` calls share one transaction.
 
 A background task waits for the first pending entry, gathers more for ``max_delay``
-seconds or until ``max_batch`` are pending, and appends them in one transaction
-with one signed tree head. While a batch commits, the next one gathers, so the
-write rate is bounded by commits per second times the batch size.
+seconds or until enough are pending, and appends them in one transaction with
+one signed tree head. While a batch commits, the next one gathers, so the write
+rate is bounded by commits per second times the batch size.
+
+"Enough" is ``max_batch``; with ``early_close``, fewer once batches have been
+committed: as many
+entries as were ever outstanding at once (pending, or in the batch being
+committed) while the last ``_HISTORY`` batches gathered. Callers that wait for
+their entry before they send the next one (a service's pool of connections, a
+load generator) can never have more outstanding than their number, so once all
+of them are pending the rest of the window would be idle time: every one of
+them waits, and nothing else comes. Counting the batch being committed keeps
+such callers in one batch: had they split into two that alternate (one
+gathering while the other commits), neither would fill the goal alone, and
+the window joins them again. The goal follows the load: it rises as soon as
+more entries are outstanding, and when the load drops it falls with the
+largest of the last ``_HISTORY`` batches.
+
+``early_close`` suits callers that reach ``append`` in lock step, as the gated
+read does on SQLite: its statements run in place on the event loop, so a read
+goes from its request to its entry without yielding, and the callers resumed
+by one commit are all pending again within one pass of the loop. Where
+callers reach ``append`` spread out in time (reads that wait for database
+round trips, as on PostgreSQL), a batch that closes as soon as the callers
+then pending reach the goal leaves behind the ones a millisecond away, and
+the log commits more, smaller batches: measured there, no gain.
 
 Durability contract: ``append`` returns the leaf index only after the batch holding
 the entry has committed. If that commit fails, every caller of the batch gets
@@ -15,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -33,17 +57,35 @@ class BatchLog(Protocol):
 
 _Pending = tuple[EncodedEntry, "asyncio.Future[int]"]
 
+_HISTORY = 16
+"""Batches over which the gathering goal is the most entries outstanding at once
+(see the module docstring)."""
+
 
 class AuditWriter:
     """Durable, batched appends to a transparency log; see the module docstring."""
 
-    def __init__(self, log: BatchLog, *, max_delay: float = 0.002, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        log: BatchLog,
+        *,
+        max_delay: float = 0.002,
+        max_batch: int = 512,
+        early_close: bool = True,
+    ) -> None:
         if max_delay < 0 or max_batch < 1:
             raise ValueError("max_delay must be >= 0 and max_batch >= 1")
         self._log = log
         self._max_delay = max_delay
         self._max_batch = max_batch
         self._pending: list[_Pending] = []
+        # The gathering goal: the most entries outstanding at once (pending, or in
+        # the batch being committed) over the last _HISTORY batches.
+        self._early_close = early_close
+        self._peaks: deque[int] = deque(maxlen=_HISTORY)
+        self._peak = 0
+        self._committing = 0
+        self._goal = max_batch
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._stopping = False
@@ -93,9 +135,11 @@ class AuditWriter:
         # Encode now (once) so a malformed entry fails its caller, not its whole batch.
         encoded = EncodedEntry.of(entry)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((encoded, future))
+        pending = self._pending
+        pending.append((encoded, future))
+        self._peak = max(self._peak, len(pending) + self._committing)
         self._arrived.set()
-        if len(self._pending) >= self._max_batch:
+        if len(pending) >= self._goal:
             self._full.set()
         return await future
 
@@ -108,15 +152,23 @@ class AuditWriter:
                     self._arrived.clear()
                     await self._arrived.wait()
                     continue
-                if not self._stopping and len(self._pending) < self._max_batch:
+                if not self._stopping and len(self._pending) < self._goal:
                     # The gathering window: Event.wait is safe to time out (no lost item).
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._full.wait(), self._max_delay)
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                if len(self._pending) < self._max_batch and not self._stopping:
+                if self._early_close:
+                    self._peaks.append(self._peak)
+                    self._goal = min(self._max_batch, max(self._peaks))
+                self._peak = len(self._pending) + len(batch)
+                if len(self._pending) < self._goal and not self._stopping:
                     self._full.clear()
-                await self._commit(batch)
+                self._committing = len(batch)
+                try:
+                    await self._commit(batch)
+                finally:
+                    self._committing = 0
         finally:
             # Whatever ended the loop (stop, cancellation, a bug), nobody waits forever.
             self._stopping = True

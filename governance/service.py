@@ -103,8 +103,13 @@ class StoryVault(Operations, InsightsOperations):
             batch_log = PgBatchLog(self.audit_log, self.db)
         else:
             batch_log = self.audit_log  # SQLite in memory (tests)
+        # Closing a batch early (once every caller that can be pending is) pays
+        # where the gated read reaches its entry in lock step: on SQLite, whose
+        # reads run in place (see audit.AuditWriter).
         self.audit_writer = AuditWriter(
-            MeasuredBatchLog(batch_log), max_delay=settings.audit_batch_ms / 1000.0
+            MeasuredBatchLog(batch_log),
+            max_delay=settings.audit_batch_ms / 1000.0,
+            early_close=self.db.dialect == "sqlite",
         )
         self.audit: AuditSink = self.audit_writer
         self.policy_store = PolicyStore(self.db.engine)

@@ -30,7 +30,8 @@ KEY_LOOKUP = (
     .where(API_KEYS.digest == bindparam("digest"))
 )
 """The key of a digest (at most one row): id, team, revoked_at, the team's roles.
-``Teams.principal_of`` reads such a row; the gated read joins it into its own query."""
+``Teams.principal_of`` reads such a row; the gated read looks keys up the same way
+in its own statement (``governance.gate``)."""
 _KEY_LOOKUP = Prepared(KEY_LOOKUP)
 KNOWN_ROLES = frozenset({ADMIN_ROLE})
 _TEAM = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
