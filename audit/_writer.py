@@ -6,18 +6,17 @@ one signed tree head. While a batch commits, the next one gathers, so the write
 rate is bounded by commits per second times the batch size.
 
 "Enough" is ``max_batch``; with ``early_close``, fewer once batches have been
-committed: as many
-entries as were ever outstanding at once (pending, or in the batch being
-committed) while the last ``_HISTORY`` batches gathered. Callers that wait for
-their entry before they send the next one (a service's pool of connections, a
-load generator) can never have more outstanding than their number, so once all
-of them are pending the rest of the window would be idle time: every one of
-them waits, and nothing else comes. Counting the batch being committed keeps
-such callers in one batch: had they split into two that alternate (one
-gathering while the other commits), neither would fill the goal alone, and
-the window joins them again. The goal follows the load: it rises as soon as
-more entries are outstanding, and when the load drops it falls with the
-largest of the last ``_HISTORY`` batches.
+committed: as many entries as were ever outstanding at once (pending, or in the
+batch being committed) while the last ``_HISTORY`` batches gathered. Callers
+that wait for their entry before they send the next one (a service's pool of
+connections, a load generator) can never have more outstanding than their
+number, so once all of them are pending the rest of the window would be idle
+time: every one of them waits, and nothing else comes. Counting the batch being
+committed keeps such callers in one batch: had they split into two that
+alternate (one gathering while the other commits), neither would fill the goal
+alone, and the window joins them again. The goal follows the load: it rises as
+soon as more entries are outstanding, and when the load drops it falls as the
+batches gathered at the higher load leave the last ``_HISTORY``.
 
 ``early_close`` suits callers that reach ``append`` in lock step, as the gated
 read does on SQLite: its statements run in place on the event loop, so a read

@@ -3,40 +3,12 @@ it refuses a path that is not a source tree before it seeds anything."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from bench.ab import batch_counters, main
-from bench.run import Server
-
-
-@contextmanager
-def _metrics(page: str) -> Iterator[Server]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = page.encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Server("storyvault", 1, httpd.server_address[1], None, Path("/dev/null"))  # type: ignore[arg-type]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+from tests.unit.bench.metrics_pages import serving
 
 
 def test_batch_counters_read_the_histogram_count_and_sum() -> None:
@@ -47,9 +19,9 @@ def test_batch_counters_read_the_histogram_count_and_sum() -> None:
         "storyvault_audit_batch_size_sum 378.0\n"
         "storyvault_audit_batch_seconds_count 12.0\n"
     )
-    with _metrics(page) as server:
+    with serving([page]) as server:
         assert batch_counters(server) == (12.0, 378.0)
-    with _metrics("# nothing committed yet\n") as server:
+    with serving(["# nothing committed yet\n"]) as server:
         assert batch_counters(server) == (0.0, 0.0)
 
 
