@@ -1,9 +1,11 @@
 """Group commit: many concurrent ``append`` calls share one transaction.
 
-A background task waits for the first pending entry, gathers more for ``max_delay``
-seconds or until enough are pending, and appends them in one transaction with
-one signed tree head. While a batch commits, the next one gathers, so the write
-rate is bounded by commits per second times the batch size.
+A background task waits for the first pending entry, gathers more until
+``max_delay`` seconds after it arrived or until enough are pending, and appends
+them in one transaction with one signed tree head. While a batch commits, the
+next one gathers, so the write rate is bounded by commits per second times the
+batch size. Without ``early_close`` (below), entries that waited out the window
+while the batch before them committed are sent as soon as it has.
 
 "Enough" is ``max_batch``; with ``early_close``, fewer once batches have been
 committed: as many entries as were ever outstanding at once (pending, or in the
@@ -85,11 +87,16 @@ class AuditWriter:
         self._peak = 0
         self._committing = 0
         self._goal = max_batch
+        self._first_at = 0.0  # loop time at which the oldest pending entry arrived
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._batches = 0
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
     @property
     def batches_committed(self) -> int:
@@ -135,6 +142,8 @@ class AuditWriter:
         encoded = EncodedEntry.of(entry)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         pending = self._pending
+        if not pending:
+            self._first_at = self._loop_time()
         pending.append((encoded, future))
         self._peak = max(self._peak, len(pending) + self._committing)
         self._arrived.set()
@@ -151,12 +160,21 @@ class AuditWriter:
                     self._arrived.clear()
                     await self._arrived.wait()
                     continue
-                if not self._stopping and len(self._pending) < self._goal:
-                    # The gathering window: Event.wait is safe to time out (no lost item).
+                left = self._max_delay
+                if not self._early_close:
+                    # The window runs from the first pending entry's arrival: entries
+                    # that came while the batch before committed may have waited it
+                    # out already. (With early close the goal decides, and the window
+                    # restarts: closing on age split callers into two halves.)
+                    left -= self._loop_time() - self._first_at
+                if not self._stopping and len(self._pending) < self._goal and left > 0:
+                    # Event.wait is safe to time out (no lost item).
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._full.wait(), self._max_delay)
+                        await asyncio.wait_for(self._full.wait(), left)
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
+                if self._pending:  # more than max_batch: the rest start a window
+                    self._first_at = self._loop_time()
                 if self._early_close:
                     self._peaks.append(self._peak)
                     self._goal = min(self._max_batch, max(self._peaks))

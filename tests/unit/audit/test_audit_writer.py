@@ -103,6 +103,35 @@ async def test_callers_that_wait_for_their_entry_do_not_wait_out_the_window(
     assert await audit_log.size() == 8 * rounds + 21
 
 
+async def test_entries_that_waited_out_the_window_during_a_commit_go_at_once(kit: type) -> None:
+    """Without early close the gathering window runs from an entry's arrival: one
+    that came while the batch before it committed, and has waited longer than the
+    window by the time that commit ends, is sent at once instead of waiting a
+    window more."""
+    window, commit = 0.1, 0.3
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    ends: list[float] = []
+
+    class SlowLog:
+        async def append(self, batch: Sequence[AuditEntry]) -> AppendResult:
+            starts.append(loop.time())
+            await asyncio.sleep(commit)
+            ends.append(loop.time())
+            return AppendResult(len(starts) - 1, None)  # type: ignore[arg-type]
+
+    async with AuditWriter(SlowLog(), max_delay=window, early_close=False) as writer:
+        first = asyncio.create_task(writer.append(kit.make_entry(0)))
+        await asyncio.sleep(window + commit / 2)  # the first batch is committing
+        second = asyncio.create_task(writer.append(kit.make_entry(1)))
+        assert await asyncio.gather(first, second) == [0, 1]
+        # A lone entry on an idle writer still waits out the window.
+        arrived = loop.time()
+        assert await writer.append(kit.make_entry(2)) == 2
+    assert starts[2] - arrived >= 0.9 * window
+    assert starts[1] - ends[0] < window / 2, (starts, ends)
+
+
 class _BrokenLog:
     def __init__(self) -> None:
         self.calls = 0
