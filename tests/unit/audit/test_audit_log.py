@@ -8,6 +8,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import asyncpg
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
@@ -288,6 +289,51 @@ async def test_asyncpg_appends_extend_the_same_tree(
         report = await verify_log(audit_engine, {kit.key_id: signing_key.public_key()})
         assert report.ok, report.divergence
         assert report.entries_checked == len(hashes)
+    finally:
+        await conn.close()
+        await audit_engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_asyncpg_appends_store_the_columns_the_filters_read(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """``append_pg`` writes a batch as one statement over column arrays: each
+    entry's filter columns (subject, team, purpose, kind, time), absent ones as
+    NULL, land in its own row, as ``append`` stores them."""
+    audit_engine = create_async_engine(audit_pg_url)
+    await kit.prepare_schema(audit_engine)
+    dsn = audit_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn)
+    try:
+        batch = [kit.make_entry(i, subject="alice" if i % 4 == 0 else "bob") for i in range(12)]
+        batch.append(msgspec.structs.replace(kit.make_entry(12), subject=None, purpose=None))
+        batch += [kit.make_entry(i, team="support") for i in range(13, 16)]
+        log = TransparencyLog(audit_engine, signing_key, kit.key_id)
+        async with conn.transaction():
+            result = await log.append_pg(conn, batch)
+        assert result.indexes == range(16)
+
+        alice = await log.list_entries(subject="alice")
+        assert [s.leaf_index for s in alice.items] == [0, 4, 8]
+        support = await log.list_entries(team="support")
+        assert [s.leaf_index for s in support.items] == [13, 14, 15]
+        email = await log.list_entries(purpose="marketing.email")
+        assert [s.leaf_index for s in email.items] == [1, 3, 5, 7, 9, 11, 13, 15]
+        since = kit.base_time + timedelta(seconds=3)
+        window = await log.list_entries(since=since, until=since + timedelta(seconds=3))
+        assert [s.leaf_index for s in window.items] == [3, 4, 5]
+        denials = await log.list_entries(kinds=["denial"])
+        assert [s.leaf_index for s in denials.items] == [0, 3, 6, 9, 12, 15]
+        stored = await log.get_entry(12)
+        assert stored.entry == batch[12]
+        row = await conn.fetchrow(
+            "SELECT subject, purpose, actor FROM audit_entries WHERE leaf_index = 12"
+        )
+        assert tuple(row) == (None, None, "marketing")
+        report = await verify_log(audit_engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert (report.entries_checked, report.tree_heads_checked) == (16, 1)
     finally:
         await conn.close()
         await audit_engine.dispose()
