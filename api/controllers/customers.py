@@ -8,7 +8,7 @@ from uuid import UUID
 
 import msgspec
 from litestar import Controller, Request, get, patch, post
-from litestar.params import Body, JSONBody, Parameter
+from litestar.params import Body, JSONBody, Parameter, QueryParameter
 
 from api.auth import LOOKS_UP_ITS_KEY, require_team, team_credential
 from api.deps import VaultDep
@@ -27,7 +27,7 @@ def parse_customer_id(raw: str) -> str:
         raise InvalidInput("customer id must be a UUID", code="invalid_id") from None
 
 
-Purpose = Annotated[str | None, Parameter(query="purpose", max_length=120, required=False)]
+Purpose = Annotated[str | None, QueryParameter(name="purpose", max_length=120, required=False)]
 ProfilePatch = Annotated[
     dict[str, str | None], Body(description="profile fields to set; null removes")
 ]
@@ -60,7 +60,7 @@ class CustomersController(Controller):
         self,
         request: Request[Principal, Any, Any],
         vault: VaultDep,
-        email: Annotated[str, Parameter(query="email", min_length=3, max_length=320)],
+        email: Annotated[str, QueryParameter(name="email", min_length=3, max_length=320)],
         purpose: Purpose = None,
     ) -> CustomerList:
         ids = await vault.find_customers(request.user, purpose, email)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from api.auth import require_customer, require_team
 from api.controllers.customers import CustomerId, Purpose, parse_customer_id
@@ -40,8 +40,8 @@ class CustomerInsights(msgspec.Struct):
 
 GroupBy = Annotated[
     str | None,
-    Parameter(
-        query="group_by",
+    QueryParameter(
+        name="group_by",
         max_length=40,
         required=False,
         description="effort_band, drift_band, sentiment_band or open_tickets",

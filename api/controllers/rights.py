@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, get, patch, post
-from litestar.params import JSONBody, Parameter
+from litestar.params import JSONBody, Parameter, QueryParameter
 from litestar.response import Stream
 
 from api.auth import require_admin, require_customer, require_team
@@ -79,7 +79,7 @@ class MyRightsController(Controller):
         self,
         request: Request[CustomerPrincipal, Any, Any],
         vault: VaultDep,
-        format: Annotated[Literal["json", "zip"], Parameter(query="format")] = "json",
+        format: Annotated[Literal["json", "zip"], QueryParameter(name="format")] = "json",
     ) -> Stream:
         customer = request.user
         rid = request_id()

@@ -20,13 +20,13 @@ import secrets
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import CacheControlHeader, Cookie, ResponseHeader
 from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.params import Parameter, QueryParameter
 from litestar.response import Redirect, Stream, Template
 from litestar.router import Router
 from litestar.static_files import create_static_files_router
@@ -536,7 +536,7 @@ class PortalController(Controller):
         self,
         vault: VaultDep,
         customer: CustomerPrincipal,
-        format: str = Parameter(default="json", query="format", pattern="^(json|zip)$"),
+        format: Annotated[str, QueryParameter(name="format", pattern="^(json|zip)$")] = "json",
     ) -> Stream:
         """The same export as ``GET /v1/me/export``, authenticated by the portal cookie."""
         rid = request_id()
