@@ -253,6 +253,10 @@ _Step = tuple[Any, ...]
 params), ("nodes", keys) or ("write", entry rows, node rows, tree head row)."""
 
 
+_ENTRY_COLUMNS = tuple(c.name for c in entries.c)
+_NODE_COLUMNS = tuple(c.name for c in nodes.c)
+
+
 def _batch_arrays(
     entry_rows: list[dict[str, Any]], node_rows: list[dict[str, Any]], head: dict[str, Any]
 ) -> dict[str, Any]:
@@ -261,10 +265,6 @@ def _batch_arrays(
     arrays.update((name, [r[name] for r in node_rows]) for name in _NODE_COLUMNS)
     arrays.update(head)
     return arrays
-
-
-_ENTRY_COLUMNS = tuple(c.name for c in entries.c)
-_NODE_COLUMNS = tuple(c.name for c in nodes.c)
 
 
 async def _require_nodes_pg(

@@ -140,10 +140,11 @@ class AuditWriter:
             raise AuditUnavailable("the audit writer is not running")
         # Encode now (once) so a malformed entry fails its caller, not its whole batch.
         encoded = EncodedEntry.of(entry)
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
         pending = self._pending
         if not pending:
-            self._first_at = self._loop_time()
+            self._first_at = loop.time()
         pending.append((encoded, future))
         self._peak = max(self._peak, len(pending) + self._committing)
         self._arrived.set()
