@@ -14,6 +14,13 @@ database see one total order of leaves:
 
 The tree size is the largest signed ``tree_size``: a batch's leaves, nodes and tree
 head commit together, so the newest head always covers every stored leaf.
+
+On PostgreSQL a writer that is likely alone (``append_pg_alone``) sends the whole
+append as one statement, its own transaction: it takes the same lock, checks that
+the newest tree head is the one this object last wrote, and writes. Its snapshot
+predates the lock, so a batch another process committed meanwhile is caught by the
+leaves' primary key instead; either way nothing is written and the caller appends
+as above. A locked append never fails because of one.
 """
 
 from __future__ import annotations
@@ -45,7 +52,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.types import TypeEngine
 
 from audit._entry import AuditEntry, EncodedEntry, decode_leaf
 from audit._errors import (
@@ -80,6 +90,9 @@ _NODE_CHUNK = 100
 
 _SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 
+_UNIQUE_VIOLATION = "23505"
+"""PostgreSQL's SQLSTATE for a unique (here: primary key) violation."""
+
 # The append's statements, built once (it runs for every batch of the group commit).
 _PG_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 _PG_LOCK_PREPARED = Prepared(select(func.pg_advisory_xact_lock(bindparam("k", type_=BigInteger))))
@@ -105,6 +118,37 @@ _NODES_BY_KEY = Prepared(
     )
 )
 
+
+def _batch_binds() -> list[BindParameter[Any]]:
+    """The parameters of a batch written over column arrays: an array per column of
+    the entries and of the nodes, then the tree head's values. Strings go as
+    VARCHAR without a length: a cast to the column's VARCHAR(n) would cut a longer
+    value short where the insert refuses it."""
+    arrays: list[tuple[str, TypeEngine[Any]]] = [
+        ("leaf_index", BigInteger()),
+        ("leaf", LargeBinary()),
+        ("leaf_hash", LargeBinary()),
+        ("kind", String()),
+        ("actor", String()),
+        ("subject", String()),
+        ("purpose", String()),
+        ("created_at", DateTime(timezone=False)),
+        ("level", SmallInteger()),
+        ("node_index", BigInteger()),
+        ("hash", LargeBinary()),
+    ]
+    head: list[tuple[str, TypeEngine[Any]]] = [
+        ("tree_size", BigInteger()),
+        ("root_hash", LargeBinary()),
+        ("timestamp_ms", BigInteger()),
+        ("signature", LargeBinary()),
+        ("key_id", String()),
+    ]
+    return [bindparam(name, type_=ARRAY(t)) for name, t in arrays] + [
+        bindparam(name, type_=t) for name, t in head
+    ]
+
+
 # PostgreSQL only (``append_pg``): a batch's entries, nodes and tree head in one
 # statement over arrays, where one INSERT per row (even pipelined) cost the server
 # a parse-bind-execute cycle per row and the client an encoding per row.
@@ -118,23 +162,35 @@ _WRITE_BATCH_PG = Prepared(
         " SELECT * FROM unnest(:level, :node_index, :hash))"
         " INSERT INTO audit_tree_heads (tree_size, root_hash, timestamp_ms, signature, key_id)"
         " VALUES (:tree_size, :root_hash, :timestamp_ms, :signature, :key_id)"
+    ).bindparams(*_batch_binds())
+)
+
+# PostgreSQL only (``append_pg_alone``): the same batch in one statement outside any
+# transaction, which takes the log's lock and writes only if the newest tree head is
+# still the one the writer last left (``prev_size``, ``prev_root``); otherwise it
+# writes nothing and returns no row. A head committed after the statement's snapshot
+# was taken makes the leaves' primary key refuse the batch instead (unique violation).
+_WRITE_BATCH_PG_ALONE = Prepared(
+    text(
+        "WITH l AS (SELECT pg_advisory_xact_lock(:k) AS locked),"
+        " g AS (SELECT 1 AS ok FROM l CROSS JOIN audit_tree_heads AS h"
+        " WHERE h.tree_size = :prev_size AND h.root_hash = :prev_root"
+        " AND NOT EXISTS (SELECT 1 FROM audit_tree_heads AS later"
+        " WHERE later.tree_size > :prev_size)),"
+        " e AS (INSERT INTO audit_entries"
+        " (leaf_index, leaf, leaf_hash, kind, actor, subject, purpose, created_at)"
+        " SELECT * FROM unnest(:leaf_index, :leaf, :leaf_hash, :kind, :actor, :subject,"
+        " :purpose, :created_at) WHERE EXISTS (SELECT 1 FROM g)),"
+        " n AS (INSERT INTO audit_nodes (level, node_index, hash)"
+        " SELECT * FROM unnest(:level, :node_index, :hash) WHERE EXISTS (SELECT 1 FROM g))"
+        " INSERT INTO audit_tree_heads (tree_size, root_hash, timestamp_ms, signature, key_id)"
+        " SELECT :tree_size, :root_hash, :timestamp_ms, :signature, :key_id"
+        " WHERE EXISTS (SELECT 1 FROM g) RETURNING tree_size"
     ).bindparams(
-        bindparam("leaf_index", type_=ARRAY(BigInteger)),
-        bindparam("leaf", type_=ARRAY(LargeBinary)),
-        bindparam("leaf_hash", type_=ARRAY(LargeBinary)),
-        bindparam("kind", type_=ARRAY(String)),
-        bindparam("actor", type_=ARRAY(String)),
-        bindparam("subject", type_=ARRAY(String)),
-        bindparam("purpose", type_=ARRAY(String)),
-        bindparam("created_at", type_=ARRAY(DateTime(timezone=False))),
-        bindparam("level", type_=ARRAY(SmallInteger)),
-        bindparam("node_index", type_=ARRAY(BigInteger)),
-        bindparam("hash", type_=ARRAY(LargeBinary)),
-        bindparam("tree_size", type_=BigInteger),
-        bindparam("root_hash", type_=LargeBinary),
-        bindparam("timestamp_ms", type_=BigInteger),
-        bindparam("signature", type_=LargeBinary),
-        bindparam("key_id", type_=String),
+        bindparam("k", type_=BigInteger),
+        bindparam("prev_size", type_=BigInteger),
+        bindparam("prev_root", type_=LargeBinary),
+        *_batch_binds(),
     )
 )
 
@@ -324,7 +380,11 @@ class TransparencyLog:
         # transaction rolled back) falls back to the stored nodes. The root hash
         # pins the exact leaves, so a rolled-back append can never be mistaken
         # for a later one of the same size.
-        self._edge_memo: tuple[int, bytes, dict[int, bytes]] | None = None
+        # Its timestamp too: the next head's may not be older.
+        self._edge_memo: tuple[int, bytes, dict[int, bytes], int] | None = None
+        # Whether the last append found the log as this object had left it (or went
+        # alone): the condition for trying ``append_pg_alone``.
+        self._memo_current = False
         self._dialect = dialect
         self._signing_key = signing_key
         self._key_id = key_id
@@ -342,6 +402,12 @@ class TransparencyLog:
     @property
     def public_key(self) -> Ed25519PublicKey:
         return self._signing_key.public_key()
+
+    @property
+    def may_go_alone(self) -> bool:
+        """Whether ``append_pg_alone`` would try: this object's last append went alone,
+        or found under the lock the log as this object had left it."""
+        return self._edge_memo is not None and self._memo_current
 
     # -- writing ---------------------------------------------------------------
 
@@ -434,22 +500,55 @@ class TransparencyLog:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    def _append_steps(self, batch: list[EncodedEntry]) -> Generator[_Step, Any, AppendResult]:
-        """The append, written once for both drivers: it yields its statements
-        (``_Step``) and receives their results."""
-        yield ("lock",)
-        # Read the state only inside the lock: it is the state this batch extends.
-        found_head = yield ("rows", _LAST_HEAD, {})
-        last = found_head[0] if found_head else None
-        size, last_ms, last_root = (last[0], last[1], bytes(last[2])) if last else (0, 0, b"")
-        memo = self._edge_memo
-        if memo is not None and memo[0] == size and memo[1] == last_root:
-            edge = CompactRange(size, memo[2])
-        else:
-            edge_keys = CompactRange.edge_nodes(size)
-            found = yield ("nodes", edge_keys)
-            edge = CompactRange(size, {lv: found[(lv, ix)] for lv, ix in edge_keys})
+    async def append_pg_alone(
+        self, conn: Any, batch: Sequence[AuditEntry | EncodedEntry]
+    ) -> AppendResult | None:
+        """Append ``batch`` in one statement of its own on an asyncpg connection outside
+        any transaction: one round trip, where ``append_pg`` in a transaction takes
+        five (BEGIN, the lock, the newest tree head, the rows, COMMIT).
 
+        It extends the log's right edge as this object last left it, so it is tried
+        only while that is likely current: after this object's previous append went
+        this way, or found under the lock that nothing else had appended since its
+        own. The statement takes the log's lock and writes only if the newest tree
+        head is still that one. Otherwise it writes nothing and this returns None:
+        the caller then appends with ``append_pg`` in a transaction, as it does
+        (without a round trip spent) whenever this returns None at once.
+        """
+        if self._dialect != "postgresql":
+            raise ValueError("append_pg_alone is for a log on PostgreSQL")
+        encoded = [EncodedEntry.of(e) for e in batch]
+        if not encoded:
+            raise ValueError("an append needs at least one entry")
+        memo = self._edge_memo
+        if memo is None or not self._memo_current:
+            return None
+        size, root, edge_nodes, last_ms = memo
+        edge = CompactRange(size, edge_nodes)
+        entry_rows, node_rows, head_row, head = self._extend(edge, encoded, last_ms)
+        params = _batch_arrays(entry_rows, node_rows, head_row)
+        params.update(k=self._lock_id, prev_size=size, prev_root=root)
+        try:
+            written = await _WRITE_BATCH_PG_ALONE.rows_pg(conn, params)
+        except DBAPIError as exc:
+            # Another instance's batch committed after this statement's snapshot:
+            # the leaves' primary key refused this one, and nothing was written.
+            if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise
+            written = []
+        if not written:
+            self._memo_current = False
+            return None
+        self._edge_memo = (head.tree_size, head.root_hash, edge.edge(), head.timestamp_ms)
+        return AppendResult(size, head)
+
+    def _extend(
+        self, edge: CompactRange, batch: list[EncodedEntry], last_ms: int
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], SignedTreeHead]:
+        """The rows that append ``batch`` to the tree whose right edge is ``edge``
+        (which this extends): its entries, the perfect subtrees they complete and its
+        signed tree head, never older than ``last_ms``."""
+        size = edge.size
         entry_rows: list[dict[str, Any]] = []
         node_rows: list[dict[str, Any]] = []
         for offset, encoded in enumerate(batch):
@@ -480,8 +579,29 @@ class TransparencyLog:
             "signature": head.signature,
             "key_id": head.key_id,
         }
+        return entry_rows, node_rows, head_row, head
+
+    def _append_steps(self, batch: list[EncodedEntry]) -> Generator[_Step, Any, AppendResult]:
+        """The append, written once for both drivers: it yields its statements
+        (``_Step``) and receives their results."""
+        yield ("lock",)
+        # Read the state only inside the lock: it is the state this batch extends.
+        found_head = yield ("rows", _LAST_HEAD, {})
+        last = found_head[0] if found_head else None
+        size, last_ms, last_root = (last[0], last[1], bytes(last[2])) if last else (0, 0, b"")
+        memo = self._edge_memo
+        # Nothing else appended since this object's last append: the next may go
+        # alone (``append_pg_alone``).
+        self._memo_current = memo is not None and memo[0] == size and memo[1] == last_root
+        if memo is not None and self._memo_current:
+            edge = CompactRange(size, memo[2])
+        else:
+            edge_keys = CompactRange.edge_nodes(size)
+            found = yield ("nodes", edge_keys)
+            edge = CompactRange(size, {lv: found[(lv, ix)] for lv, ix in edge_keys})
+        entry_rows, node_rows, head_row, head = self._extend(edge, batch, last_ms)
         yield ("write", entry_rows, node_rows, head_row)
-        self._edge_memo = (head.tree_size, head.root_hash, edge.edge())
+        self._edge_memo = (head.tree_size, head.root_hash, edge.edge(), head.timestamp_ms)
         return AppendResult(size, head)
 
     # -- reading ---------------------------------------------------------------

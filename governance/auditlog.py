@@ -1,9 +1,11 @@
 """The audit group commit's log: one batch, one transaction, on each back end's fast path.
 
 On PostgreSQL (``PgBatchLog``) the batch's statements run on an asyncpg
-connection directly, in one transaction: through SQLAlchemy's async engine each
-of its six statements cost a pool checkout's share, an execution context and a
-greenlet hand-off, several times the statement itself.
+connection directly: through SQLAlchemy's async engine each statement cost a pool
+checkout's share, an execution context and a greenlet hand-off, several times the
+statement itself. While this process is the log's only writer a batch is one
+statement in one round trip (``TransparencyLog.append_pg_alone``); otherwise it
+runs in a transaction under the log's lock (``append_pg``).
 
 On SQLite (``InlineSqliteLog``) every
 statement through aiosqlite, or every batch through a worker thread, costs a
@@ -27,6 +29,11 @@ from sqlalchemy.engine import Connection
 
 from audit import AppendResult, AuditEntry, EncodedEntry, TransparencyLog
 from governance.db import Database, DatabaseBusy
+from governance.metrics import AUDIT_BATCH_WAYS
+
+_ALONE = AUDIT_BATCH_WAYS.labels(way="alone")
+_LOCKED = AUDIT_BATCH_WAYS.labels(way="locked")
+_REFUSED = AUDIT_BATCH_WAYS.labels(way="alone_refused")
 
 __all__ = ["InlineSqliteLog", "PgBatchLog"]
 
@@ -70,4 +77,15 @@ class PgBatchLog:
 
     async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
         encoded = [EncodedEntry.of(e) for e in batch]
-        return await self._db.pg_transaction(lambda conn: self._log.append_pg(conn, encoded))
+        # One round trip while this process is the log's only writer; under the lock
+        # in a transaction (five) when another appended since, or went first.
+        log = self._log
+        if log.may_go_alone:
+            done = await self._db.pg_connection(lambda conn: log.append_pg_alone(conn, encoded))
+            if done is not None:
+                _ALONE.inc()
+                return done
+            _REFUSED.inc()
+        result = await self._db.pg_transaction(lambda conn: log.append_pg(conn, encoded))
+        _LOCKED.inc()
+        return result

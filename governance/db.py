@@ -374,6 +374,20 @@ class Database:
                 "(connection)", None, exc, Exception, connection_invalidated=True
             ) from exc
 
+    async def pg_connection(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """PostgreSQL: ``await fn(conn)`` on an asyncpg connection of ``query``'s pool,
+        in autocommit (each statement its own transaction); errors as in ``query``."""
+        if self._pg_pool_opening is None:
+            raise ValueError("pg_connection is for PostgreSQL")
+        pool = self._pg_pool or await self._open_pg_pool()
+        try:
+            async with pool.acquire(timeout=_PG_ACQUIRE_TIMEOUT) as pg:
+                return await fn(pg)
+        except _PG_CONNECTION_ERRORS as exc:
+            raise DBAPIError.instance(
+                "(connection)", None, exc, Exception, connection_invalidated=True
+            ) from exc
+
     async def pg_transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """PostgreSQL: ``await fn(conn)`` in a transaction on an asyncpg connection of
         ``query``'s pool, committed if it returns; driver errors as in ``query``."""

@@ -34,6 +34,7 @@ __all__ = [
     "AUDIT_BATCH_FAILURES",
     "AUDIT_BATCH_SECONDS",
     "AUDIT_BATCH_SIZE",
+    "AUDIT_BATCH_WAYS",
     "CONSENT_EVENTS",
     "DECISIONS",
     "MeasuredBatchLog",
@@ -59,6 +60,14 @@ AUDIT_BATCH_SECONDS = Histogram(
 )
 AUDIT_BATCH_FAILURES = Counter(
     "storyvault_audit_batch_failures_total", "Audit group commits that failed (fail closed)"
+)
+AUDIT_BATCH_WAYS = Counter(
+    "storyvault_audit_batches_total",
+    "Audit group commits on PostgreSQL by how they were written: alone (one statement, "
+    "while this worker is the log's only writer), locked (in a transaction under the "
+    "log's lock), alone_refused (a lone statement that found another writer's batch "
+    "and wrote nothing; the batch then went locked)",
+    ["way"],
 )
 CONSENT_EVENTS = Counter(
     "storyvault_consent_events_total", "Consent ledger events recorded", ["event_type"]

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ADMIN_KEY, remember_personal
 from tests.integration.mailbox import code_for
@@ -233,6 +234,17 @@ async def test_consent_withdrawal_reaches_the_other_instance_and_nginx_within_a_
     )
 
 
+def _batches(metrics: httpx.Response) -> dict[str, float]:
+    """An instance's audit batches so far by way (alone, locked, alone_refused)."""
+    assert metrics.status_code == 200
+    found = {"alone": 0.0, "locked": 0.0, "alone_refused": 0.0}
+    for family in text_string_to_metric_families(metrics.text):
+        for sample in family.samples:
+            if sample.name == "storyvault_audit_batches_total":
+                found[sample.labels["way"]] = sample.value
+    return found
+
+
 async def test_two_instances_appending_at_once_make_one_log_that_verifies(
     cluster: Any, org: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -263,6 +275,19 @@ async def test_two_instances_appending_at_once_make_one_log_that_verifies(
     (a0, a1), (b0, b1) = spans.values()
     assert a0 < b1, f"the instances did not append at the same time: {spans}"
     assert b0 < a1, f"the instances did not append at the same time: {spans}"
+
+    # Alone again, an instance writes each batch as one statement (after one
+    # locked batch finds the log as it left it).
+    url = cluster.urls[0]
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        before = _batches(await http.get("/metrics"))
+        for _ in range(6):
+            r = await http.get(f"/v1/customers/{cid}/story{SUPPORT}", headers=support)
+            assert r.status_code == 200, r.text
+        after = _batches(await http.get("/metrics"))
+    assert after["alone"] - before["alone"] >= 4, (before, after)
+    written = after["alone"] + after["locked"] - before["alone"] - before["locked"]
+    assert written == 6, (before, after)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORYVAULT_")}
     env.update(

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from audit import (
+    DEFAULT_LOCK_ID,
     EntryNotFound,
     InvalidProofRequest,
     InvalidQuery,
@@ -337,3 +338,225 @@ async def test_asyncpg_appends_store_the_columns_the_filters_read(
     finally:
         await conn.close()
         await audit_engine.dispose()
+
+
+async def _pg_log(audit_pg_url: str, kit: type) -> tuple[AsyncEngine, str]:
+    engine = create_async_engine(audit_pg_url)
+    await kit.prepare_schema(engine)
+    dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return engine, dsn
+
+
+async def _stored_size(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(entries, tree heads) stored."""
+    row = await conn.fetchrow(
+        "SELECT (SELECT count(*) FROM audit_entries), (SELECT count(*) FROM audit_tree_heads)"
+    )
+    return int(row[0]), int(row[1])
+
+
+@pytest.mark.postgres
+async def test_a_lone_writer_appends_in_one_statement_and_builds_the_same_tree(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """``append_pg_alone`` writes nothing (and returns None at once) until a locked
+    append has found the log as the object left it; from then on every batch goes
+    alone, outside any transaction, and the tree is the one a full recomputation
+    gives, verified end to end."""
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    conn = await asyncpg.connect(dsn)
+    try:
+        log = TransparencyLog(engine, signing_key, kit.key_id)
+        hashes: list[bytes] = []
+
+        def batch_of(size: int) -> list:
+            start = len(hashes)
+            hashes.extend(leaf_hash(_leaf(kit, start + i)) for i in range(size))
+            return [kit.make_entry(start + i) for i in range(size)]
+
+        assert await log.append_pg_alone(conn, [kit.make_entry(0)]) is None
+        assert await _stored_size(conn) == (0, 0)
+        async with conn.transaction():
+            await log.append_pg(conn, batch_of(3))
+        # The first locked append had no memo to compare: still not alone.
+        assert await log.append_pg_alone(conn, [kit.make_entry(3)]) is None
+        async with conn.transaction():
+            await log.append_pg(conn, batch_of(2))
+        for heads, size in enumerate([1, 7, 8, 16, 5], start=3):
+            start = len(hashes)
+            assert not conn.is_in_transaction()
+            result = await log.append_pg_alone(conn, batch_of(size))
+            assert result is not None
+            assert result.indexes == range(start, start + size)
+            assert result.tree_head.root_hash == merkle_tree_hash(hashes)
+            assert await _stored_size(conn) == (len(hashes), heads)
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert (report.entries_checked, report.tree_heads_checked) == (len(hashes), 7)
+    finally:
+        await conn.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_writer_that_is_not_alone_writes_nothing_and_appends_under_the_lock(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """Two log objects (two processes) on one database. When the other appended
+    since, ``append_pg_alone`` writes nothing and returns None, and does not try
+    again (no round trip spent) until a locked append finds the log as it left it;
+    the locked append then extends the other's tree. Every leaf is stored once,
+    in one total order that verifies."""
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    conns = [await asyncpg.connect(dsn), await asyncpg.connect(dsn)]
+    try:
+        logs = [TransparencyLog(engine, signing_key, kit.key_id) for _ in range(2)]
+        n = 0
+
+        async def locked(w: int, size: int) -> None:
+            nonlocal n
+            async with conns[w].transaction():
+                await logs[w].append_pg(conns[w], [kit.make_entry(n + i) for i in range(size)])
+            n += size
+
+        await locked(0, 2)
+        await locked(0, 2)  # log 0 found its own edge: may go alone
+        await locked(1, 3)  # the other appends
+        before = await _stored_size(conns[0])
+        assert await logs[0].append_pg_alone(conns[0], [kit.make_entry(n)]) is None
+        assert await _stored_size(conns[0]) == before
+        # It does not try again: not even a statement reaches the server.
+        await conns[0].close()
+        assert await logs[0].append_pg_alone(conns[0], [kit.make_entry(n)]) is None
+        conns[0] = await asyncpg.connect(dsn)
+        await locked(0, 4)  # extends log 1's batch: its edge from the stored nodes
+        await locked(0, 1)
+        result = await logs[0].append_pg_alone(conns[0], [kit.make_entry(n)])
+        assert result is not None
+        assert result.indexes == range(n, n + 1)
+        n += 1
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert report.entries_checked == n == 13
+    finally:
+        for c in conns:
+            await c.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_lone_append_racing_a_locked_one_gives_way(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """A lone statement that starts while another process's locked append is in
+    flight waits for the log's lock; when that append commits, the lone one
+    writes nothing (the leaves' primary key refuses it) and returns None, and the
+    locked append it raced is never the one that fails."""
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    conns = [await asyncpg.connect(dsn), await asyncpg.connect(dsn)]
+    try:
+        alone = TransparencyLog(engine, signing_key, kit.key_id)
+        other = TransparencyLog(engine, signing_key, kit.key_id)
+        for _ in range(2):
+            async with conns[0].transaction():
+                await alone.append_pg(conns[0], [kit.make_entry(0), kit.make_entry(1)])
+        tx = conns[1].transaction()
+        await tx.start()
+        await other.append_pg(conns[1], [kit.make_entry(i) for i in range(4, 9)])
+        racing = asyncio.ensure_future(alone.append_pg_alone(conns[0], [kit.make_entry(9)]))
+        await asyncio.sleep(0.3)
+        assert not racing.done()  # waiting for the lock the other holds
+        await tx.commit()
+        assert await racing is None
+        assert await _stored_size(conns[0]) == (9, 3)
+        async with conns[0].transaction():
+            result = await alone.append_pg(conns[0], [kit.make_entry(9)])
+        assert result.indexes == range(9, 10)
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert report.entries_checked == 10
+    finally:
+        for c in conns:
+            await c.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("then", ["nothing", "another_appends_as_many"])
+async def test_a_lone_append_after_a_rolled_back_one_writes_nothing(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type, then: str
+) -> None:
+    """The object's memo of the right edge moves before its transaction commits; if
+    that transaction rolls back, a lone append must not extend leaves that were
+    never stored (a gap in the log), nor another instance's tree of the same size
+    (its root differs, and the memo's edge is not that tree's): it writes nothing
+    and returns None."""
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    conn = await asyncpg.connect(dsn)
+    try:
+        log = TransparencyLog(engine, signing_key, kit.key_id)
+        for _ in range(2):
+            async with conn.transaction():
+                await log.append_pg(conn, [kit.make_entry(0), kit.make_entry(1)])
+        tx = conn.transaction()
+        await tx.start()
+        await log.append_pg(conn, [kit.make_entry(4)])
+        await tx.rollback()  # the batch's callers went away
+        stored = (4, 2)
+        if then == "another_appends_as_many":
+            async with conn.transaction():
+                other = TransparencyLog(engine, signing_key, kit.key_id)
+                await other.append_pg(conn, [kit.make_entry(7)])
+            stored = (5, 3)
+        assert await log.append_pg_alone(conn, [kit.make_entry(8)]) is None
+        assert await _stored_size(conn) == stored
+        async with conn.transaction():
+            result = await log.append_pg(conn, [kit.make_entry(8)])
+        assert result.indexes == range(stored[0], stored[0] + 1)
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+    finally:
+        await conn.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_lone_append_takes_the_log_lock_so_a_locked_one_behind_it_extends_it(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """The lone statement takes the log's lock as a locked append does: while
+    someone holds it the statement waits, and a locked append queued behind it
+    then reads the tree head it wrote and extends it. Neither fails."""
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    conns = [await asyncpg.connect(dsn) for _ in range(3)]
+    try:
+        alone = TransparencyLog(engine, signing_key, kit.key_id)
+        for _ in range(2):
+            async with conns[0].transaction():
+                await alone.append_pg(conns[0], [kit.make_entry(0), kit.make_entry(1)])
+        holder = conns[2].transaction()
+        await holder.start()
+        await conns[2].execute("SELECT pg_advisory_xact_lock($1)", DEFAULT_LOCK_ID)
+        lone = asyncio.ensure_future(alone.append_pg_alone(conns[0], [kit.make_entry(4)]))
+        await asyncio.sleep(0.3)
+        assert not lone.done()  # waits for the lock
+
+        async def locked() -> range:
+            async with conns[1].transaction():
+                log = TransparencyLog(engine, signing_key, kit.key_id)
+                return (await log.append_pg(conns[1], [kit.make_entry(5)])).indexes
+
+        behind = asyncio.ensure_future(locked())
+        await asyncio.sleep(0.3)
+        await holder.rollback()
+        result = await lone
+        assert result is not None
+        assert result.indexes == range(4, 5)
+        assert await behind == range(5, 6)
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert report.entries_checked == 6
+    finally:
+        for c in conns:
+            await c.close()
+        await engine.dispose()
