@@ -170,13 +170,15 @@ _WRITE_BATCH_PG = Prepared(
 # still the one the writer last left (``prev_size``, ``prev_root``); otherwise it
 # writes nothing and returns no row. A head committed after the statement's snapshot
 # was taken makes the leaves' primary key refuse the batch instead (unique violation).
+# The newest head is found as ``max(tree_size)``, one step down the primary key's
+# index whatever the plan: "no head above prev_size" as a NOT EXISTS over a range
+# became, once the prepared statement's plan went generic, a scan of every head.
 _WRITE_BATCH_PG_ALONE = Prepared(
     text(
         "WITH l AS (SELECT pg_advisory_xact_lock(:k) AS locked),"
         " g AS (SELECT 1 AS ok FROM l CROSS JOIN audit_tree_heads AS h"
         " WHERE h.tree_size = :prev_size AND h.root_hash = :prev_root"
-        " AND NOT EXISTS (SELECT 1 FROM audit_tree_heads AS later"
-        " WHERE later.tree_size > :prev_size)),"
+        " AND h.tree_size = (SELECT max(tree_size) FROM audit_tree_heads)),"
         " e AS (INSERT INTO audit_entries"
         " (leaf_index, leaf, leaf_hash, kind, actor, subject, purpose, created_at)"
         " SELECT * FROM unnest(:leaf_index, :leaf, :leaf_hash, :kind, :actor, :subject,"

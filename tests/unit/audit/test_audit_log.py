@@ -32,6 +32,7 @@ from audit import (
     verify_inclusion,
     verify_log,
 )
+from audit._log import _WRITE_BATCH_PG_ALONE
 
 
 async def _fill(log: TransparencyLog, kit: type, sizes: list[int]) -> None:
@@ -559,4 +560,32 @@ async def test_a_lone_append_takes_the_log_lock_so_a_locked_one_behind_it_extend
     finally:
         for c in conns:
             await c.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_lone_append_finds_the_newest_head_without_reading_every_head(
+    audit_pg_url: str, kit: type
+) -> None:
+    """The lone statement is prepared once and, after a few runs, planned generically
+    (without its parameters' values). Its check of the newest tree head must still
+    go through the primary key's index: a scan of every head would cost more with
+    each batch the log has ever had."""
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO audit_tree_heads (tree_size, root_hash, timestamp_ms, signature, key_id)"
+            " SELECT n, '\\x00', n, '\\x00', 'k' FROM generate_series(1, 50000) AS n"
+        )
+        await conn.execute("ANALYZE audit_tree_heads")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        form = _WRITE_BATCH_PG_ALONE._pg_form()
+        await conn.execute(f"PREPARE lone AS {form.sql}")
+        params = ", ".join(["NULL"] * len(form.bind))
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE lone({params})"))
+        assert "Seq Scan on audit_tree_heads" not in plan, plan
+        assert "audit_tree_heads_pkey" in plan, plan
+    finally:
+        await conn.close()
         await engine.dispose()
