@@ -376,33 +376,29 @@ class Database:
 
     async def pg_connection(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """PostgreSQL: ``await fn(conn)`` on an asyncpg connection of ``query``'s pool,
-        in autocommit (each statement its own transaction); errors as in ``query``."""
+        in autocommit (each statement its own transaction); driver errors as in
+        ``query``."""
         if self._pg_pool_opening is None:
-            raise ValueError("pg_connection is for PostgreSQL")
+            raise ValueError("PostgreSQL only")
         pool = self._pg_pool or await self._open_pg_pool()
         try:
             async with pool.acquire(timeout=_PG_ACQUIRE_TIMEOUT) as pg:
                 return await fn(pg)
         except _PG_CONNECTION_ERRORS as exc:
+            # BEGIN, COMMIT, or taking or resetting the connection met a lost server
+            # (a statement's own error arrives wrapped already): a disconnect.
             raise DBAPIError.instance(
                 "(connection)", None, exc, Exception, connection_invalidated=True
             ) from exc
 
     async def pg_transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """PostgreSQL: ``await fn(conn)`` in a transaction on an asyncpg connection of
-        ``query``'s pool, committed if it returns; driver errors as in ``query``."""
-        if self._pg_pool_opening is None:
-            raise ValueError("pg_transaction is for PostgreSQL")
-        pool = self._pg_pool or await self._open_pg_pool()
-        try:
-            async with pool.acquire(timeout=_PG_ACQUIRE_TIMEOUT) as pg, pg.transaction():
+        """``pg_connection`` with ``fn`` in a transaction, committed if it returns."""
+
+        async def in_transaction(pg: Any) -> T:
+            async with pg.transaction():
                 return await fn(pg)
-        except _PG_CONNECTION_ERRORS as exc:
-            # BEGIN, COMMIT, or taking or resetting the connection met a lost server
-            # (a statement's own error arrives wrapped already): a disconnect.
-            raise DBAPIError.instance(
-                "(transaction)", None, exc, Exception, connection_invalidated=True
-            ) from exc
+
+        return await self.pg_connection(in_transaction)
 
     async def _open_pg_pool(self) -> asyncpg.Pool:
         assert self._pg_pool_opening is not None
