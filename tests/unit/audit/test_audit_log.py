@@ -348,6 +348,15 @@ async def _pg_log(audit_pg_url: str, kit: type) -> tuple[AsyncEngine, str]:
     return engine, dsn
 
 
+async def _ready_to_go_alone(log: TransparencyLog, conn: asyncpg.Connection, kit: type) -> None:
+    """Two locked batches of two entries: the second finds the log as the first left
+    it, so ``log`` may go alone next (the log then holds four entries)."""
+    for _ in range(2):
+        async with conn.transaction():
+            await log.append_pg(conn, [kit.make_entry(0), kit.make_entry(1)])
+    assert log.may_go_alone
+
+
 async def _stored_size(conn: asyncpg.Connection) -> tuple[int, int]:
     """(entries, tree heads) stored."""
     row = await conn.fetchrow(
@@ -458,9 +467,7 @@ async def test_a_lone_append_racing_a_locked_one_gives_way(
     try:
         alone = TransparencyLog(engine, signing_key, kit.key_id)
         other = TransparencyLog(engine, signing_key, kit.key_id)
-        for _ in range(2):
-            async with conns[0].transaction():
-                await alone.append_pg(conns[0], [kit.make_entry(0), kit.make_entry(1)])
+        await _ready_to_go_alone(alone, conns[0], kit)
         tx = conns[1].transaction()
         await tx.start()
         await other.append_pg(conns[1], [kit.make_entry(i) for i in range(4, 9)])
@@ -496,9 +503,7 @@ async def test_a_lone_append_after_a_rolled_back_one_writes_nothing(
     conn = await asyncpg.connect(dsn)
     try:
         log = TransparencyLog(engine, signing_key, kit.key_id)
-        for _ in range(2):
-            async with conn.transaction():
-                await log.append_pg(conn, [kit.make_entry(0), kit.make_entry(1)])
+        await _ready_to_go_alone(log, conn, kit)
         tx = conn.transaction()
         await tx.start()
         await log.append_pg(conn, [kit.make_entry(4)])
@@ -532,9 +537,7 @@ async def test_a_lone_append_takes_the_log_lock_so_a_locked_one_behind_it_extend
     conns = [await asyncpg.connect(dsn) for _ in range(3)]
     try:
         alone = TransparencyLog(engine, signing_key, kit.key_id)
-        for _ in range(2):
-            async with conns[0].transaction():
-                await alone.append_pg(conns[0], [kit.make_entry(0), kit.make_entry(1)])
+        await _ready_to_go_alone(alone, conns[0], kit)
         holder = conns[2].transaction()
         await holder.start()
         await conns[2].execute("SELECT pg_advisory_xact_lock($1)", DEFAULT_LOCK_ID)
