@@ -10,7 +10,7 @@ does), then for each round starts ``storyvault serve`` from each tree in turn
 tree's code through ``PYTHONPATH``, the interpreter and libraries are this
 one's) and measures the gated read as ``make bench`` does: a warm-up that fills
 the caches, full load, then half load at half that rate. With 1 worker it also
-reads the audit group commit's mean batch size over the full-load point
+reads the audit group commit's mean batch size over the full- and half-load points
 (``/metrics``). Results: bench/results/ab-<backend>.json.
 """
 
@@ -56,6 +56,15 @@ def batch_counters(server: Server) -> tuple[float, float]:
     return value("storyvault_audit_batch_size_count"), value("storyvault_audit_batch_size_sum")
 
 
+def mean_batch(
+    before: tuple[float, float] | None, after: tuple[float, float] | None
+) -> float | None:
+    """Mean entries per audit batch between two ``batch_counters`` readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return round((after[1] - before[1]) / (after[0] - before[0]), 1)
+
+
 def one_build(
     tree: Path,
     wrk: str,
@@ -90,6 +99,7 @@ def one_build(
         after = batch_counters(server) if before is not None else None
         target = point.rps / 2
         half = lua_script(root, "ab-half", ENDPOINTS["gated"], ids, key, target)
+        half_before = after
         half_point = measure(
             wrk,
             server,
@@ -101,11 +111,11 @@ def one_build(
             connections=args.connections,
             target=target,
         )
+        half_after = batch_counters(server) if half_before is not None else None
     finally:
         server.stop()
-    batches = None
-    if before is not None and after is not None and after[0] > before[0]:
-        batches = round((after[1] - before[1]) / (after[0] - before[0]), 1)
+    batches = mean_batch(before, after)
+    half_batches = mean_batch(half_before, half_after)
     row = {
         "tree": str(tree),
         "rps": point.rps,
@@ -118,11 +128,13 @@ def one_build(
         "half_p99_ms": half_point.p99_ms,
         "half_p99_over_p50": round(half_point.p99_ms / half_point.p50_ms, 2),
         "half_cpu_ms_per_request": half_point.cpu_ms_per_request,
+        "half_mean_audit_batch": half_batches,
     }
     log(
         f"{tree.name}: {point.rps:.1f} req/s, {point.cpu_ms_per_request:.3f} ms of CPU,"
         f" utilisation {point.cpu_util:.2f}, mean batch {batches};"
-        f" half load p99/p50 {row['half_p99_over_p50']}"
+        f" half load p99/p50 {row['half_p99_over_p50']},"
+        f" {half_point.cpu_ms_per_request:.3f} ms of CPU, mean batch {half_batches}"
     )
     return row
 

@@ -13,8 +13,9 @@ thread hand-off and a fight for the GIL with the event loop; measured under
 load, that overhead was larger than the append itself. So the batch's
 statements (lock, tree state, leaves, nodes, signed tree head) run on the
 loop's own writer connection, under the in-process write lock, in well under a
-millisecond; only the commit (its fsync, which needs no GIL) goes to a worker
-thread while the loop serves other requests. The batch grows with the load.
+millisecond, and so does the commit while its fsync is quick; on a slow disk
+the commit goes to a worker thread while the loop serves other requests
+(``Database.write_inline``). The batch grows with the load.
 If another process (a second worker) holds the database, the batch is retried
 in place after short pauses, then in a worker thread that waits for the lock
 as every other writer does.

@@ -37,6 +37,7 @@ __all__ = [
     "AUDIT_BATCH_WAYS",
     "CONSENT_EVENTS",
     "DECISIONS",
+    "SQLITE_COMMITS",
     "MeasuredBatchLog",
     "count_decisions",
     "watch_key_cache",
@@ -68,6 +69,13 @@ AUDIT_BATCH_WAYS = Counter(
     "log's lock), alone_refused (a lone statement that found another writer's batch "
     "and wrote nothing; the batch then went locked)",
     ["way"],
+)
+SQLITE_COMMITS = Counter(
+    "storyvault_sqlite_commits_total",
+    "Commits of the event loop's own SQLite writer (the audit group commit) by where "
+    "they ran: in_place (on the loop, while commits average under a millisecond) or "
+    "thread (in a worker thread, on a slower disk)",
+    ["where"],
 )
 CONSENT_EVENTS = Counter(
     "storyvault_consent_events_total", "Consent ledger events recorded", ["event_type"]
