@@ -7,9 +7,12 @@ import asyncio
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy.engine import Connection
 
+import governance.db
 from governance.db import Database, DatabaseBusy
 
 
@@ -83,7 +86,7 @@ async def test_the_log_starts_over_under_steady_writes(tmp_path: Path) -> None:
     db_file = tmp_path / "story.db"
     wal = tmp_path / "story.db-wal"
     db = Database(f"sqlite+aiosqlite:///{db_file}", sqlite_synchronous="NORMAL")
-    rows = 3_000  # about 48 MB through the log
+    rows = 9_000  # about 144 MB through the log
     largest = 0
     try:
         db.start_checkpointer(interval=0.05)
@@ -98,7 +101,7 @@ async def test_the_log_starts_over_under_steady_writes(tmp_path: Path) -> None:
     finally:
         await db.dispose()
     assert count == rows
-    assert largest < 12 * 1024 * 1024, f"the log grew to {largest / 2**20:.0f} MiB"
+    assert largest < 48 * 1024 * 1024, f"the log grew to {largest / 2**20:.0f} MiB"
 
 
 async def test_the_log_starts_over_with_two_instances_writing(tmp_path: Path) -> None:
@@ -136,3 +139,49 @@ async def test_the_log_starts_over_with_two_instances_writing(tmp_path: Path) ->
             await db.dispose()
     # About 48 MB went through the log (without the fix it grew to about 40 MiB).
     assert largest < 24 * 1024 * 1024, f"the log grew to {largest / 2**20:.0f} MiB"
+
+
+async def _holds_over_steady_writes(db: Database, seconds: float) -> int:
+    """Rounds in which the checkpointer held this process's writers back, while a
+    writer writes steadily for ``seconds``."""
+    holds = 0
+    write_lock = db.write_lock
+
+    def counting_write_lock() -> Any:
+        nonlocal holds
+        if asyncio.current_task() is db._checkpointer:
+            holds += 1
+        return write_lock()
+
+    db.write_lock = counting_write_lock  # type: ignore[method-assign]
+    db.start_checkpointer(interval=0.05)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        async with db.write_lock():
+            await db.write_inline(_fill)
+        await asyncio.sleep(0.002)  # the audit writer's window
+    return holds
+
+
+async def test_writers_are_held_back_in_one_round_of_four(tmp_path: Path) -> None:
+    """Every request waiting on the audit group commit waits out a round that holds
+    the writers back, so only every fourth round does (about 1.2 s: 24 rounds)."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'story.db'}", sqlite_synchronous="NORMAL")
+    try:
+        holds = await _holds_over_steady_writes(db, 1.2)
+    finally:
+        await db.dispose()
+    assert 2 <= holds <= 24 // 4 + 1
+
+
+async def test_a_long_log_holds_the_writers_back_at_the_next_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(governance.db, "_HOLD_FRAMES", 1)
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'story.db'}", sqlite_synchronous="NORMAL")
+    try:
+        holds = await _holds_over_steady_writes(db, 1.2)
+    finally:
+        await db.dispose()
+    assert holds >= 15  # nearly every round of 24
