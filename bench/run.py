@@ -844,19 +844,17 @@ def ratios(points: list[Point]) -> list[dict[str, Any]]:
                 "c_over_a": (c, a),
                 "c_over_b": (c, b),
                 "c_over_d": (c, d),
+                "half_p99_over_p50": (ch,),
             }
-            parts["half_p99_over_p50"] = (ch,)
-            row["met"] = {
-                k: (
-                    None
-                    if not all(balanced(p.worker_cpu_shares, p.workers) for p in parts[k] if p)
-                    else row[k] <= goal
-                    if k == "half_p99_over_p50"
-                    else row[k] >= goal
-                )
-                for k, goal in GOALS.items()
-                if k in row
-            }
+            met: dict[str, bool | None] = {}
+            for k, goal in GOALS.items():
+                if k not in row:
+                    continue
+                if not all(balanced(p.worker_cpu_shares, p.workers) for p in parts[k] if p):
+                    met[k] = None
+                else:
+                    met[k] = row[k] <= goal if k == "half_p99_over_p50" else row[k] >= goal
+            row["met"] = met
             out.append(row)
     return out
 

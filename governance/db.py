@@ -295,16 +295,16 @@ class Database:
         """SQLite: run ``fn`` in a transaction on the loop's own writer connection, in
         place, and commit it in place too while commits are quick: on a local SSD
         the commit's fsync blocks the loop for 0.1-0.3 ms, less than the CPU a
-        worker thread's hand-off costs (measured: 0.1-0.2 ms less CPU per gated read
-        at half load, where batches are small). Once commits average a millisecond
-        or more (a slow disk), the next ones run in a worker thread, where the fsync
-        needs no GIL and the loop serves other requests meanwhile; one in place now
-        and then measures the disk again (``_time_commit``). The connection never waits for a
-        lock: if another process holds the database, ``DatabaseBusy`` is raised at
-        once (nothing written) and the caller retries with ``write_sync`` in a
-        worker thread. Call it holding ``write_lock``, so no writer of this process
-        can hold the database, and nothing else uses the connection until it is
-        committed."""
+        worker thread's hand-off costs (measured: 0.04-0.23 ms less CPU per gated
+        read at half load, where batches are small). Once commits average a
+        millisecond or more (a slow disk), the next ones run in a worker thread,
+        where the fsync needs no GIL and the loop serves other requests meanwhile;
+        one in place now and then measures the disk again (``_time_commit``).
+        The connection never waits for a lock: if another process holds the
+        database, ``DatabaseBusy`` is raised at once (nothing written) and the
+        caller retries with ``write_sync`` in a worker thread. Call it holding
+        ``write_lock``, so no writer of this process can hold the database, and
+        nothing else uses the connection until it is committed."""
         assert self.sync_engine is not None, "write_inline is for SQLite"
         conn = self._writer
         if conn is None or conn.closed or conn.invalidated:
