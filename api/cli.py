@@ -85,18 +85,30 @@ def serve(workers: int | None) -> None:
             f"Try: curl -H 'Authorization: Bearer {support.secret}' "
             f"'{url}/v1/customers?email={email}&purpose=service.support'"
         )
-    uvicorn.run(
-        "api.asgi:app_factory",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers or settings.workers,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-        server_header=False,
-        lifespan="on",
-    )
+    options: dict[str, Any] = {
+        "app": "api.asgi:app_factory",
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": False,
+        "server_header": False,
+        "lifespan": "on",
+    }
+    workers = workers or settings.workers
+    if workers > 1:
+        # A socket per worker (api.workers): uvicorn's workers share one, and a
+        # client's connections opened at once then land on a single worker.
+        from api.workers import serve_workers
+
+        try:
+            code = serve_workers(workers, options)
+        except OSError as exc:
+            click.echo(f"storyvault: cannot listen on {url}: {exc}", err=True)
+            code = 1
+        sys.exit(code)
+    uvicorn.run(**options)
 
 
 @main.group()
