@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from governance.settings import Settings
-from tests.integration.procs import STORYVAULT, REPO, Server, env_of
+from tests.integration.procs import REPO, STORYVAULT, Server, env_of
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"])
 
@@ -108,15 +108,17 @@ def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(settings: Set
             if len(now) == 2 and first[0] not in now:
                 break
             time.sleep(0.2)
-        assert first[1] in now and len(now) == 2, now
+        assert len(now) == 2, now
+        assert first[1] in now, now
         _ready(server)
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=30) == 0
         for pid in now:
-            assert not Path(f"/proc/{pid}").exists() or "Z" in Path(
-                f"/proc/{pid}/stat"
-            ).read_text().split()[2]
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+            )
     finally:
         server.stop()
     assert "serve.worker_exited" in server.tail(20_000)
