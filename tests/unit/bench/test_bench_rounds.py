@@ -13,35 +13,11 @@ import pytest
 
 from bench import run
 from bench.run import Point, median_round
-
-
-def _point(
-    endpoint: str, rps: float, *, load: str = "full", p99: float = 10.0, shares: Any = None
-) -> Point:
-    return Point(
-        backend="sqlite",
-        server="storyvault",
-        workers=2,
-        endpoint=endpoint,
-        load=load,
-        connections=32,
-        target_rps=None,
-        rps=rps,
-        requests=int(rps * 5),
-        errors=0,
-        p50_ms=4.0,
-        p90_ms=6.0,
-        p99_ms=p99,
-        mean_ms=5.0,
-        max_ms=20.0,
-        cpu_ms_per_request=0.6,
-        cpu_util=1.6,
-        worker_cpu_shares=[0.5, 0.5] if shares is None else shares,
-    )
+from tests.unit.bench.points import make_point
 
 
 def test_the_median_round_is_kept_with_every_round_recorded() -> None:
-    rounds = [_point("gated", 1200), _point("gated", 1900), _point("gated", 1750)]
+    rounds = [make_point("gated", 1200), make_point("gated", 1900), make_point("gated", 1750)]
     chosen = median_round(rounds, key=lambda p: p.rps)
     assert chosen.rps == 1750
     assert [r["rps"] for r in chosen.rounds] == [1200, 1900, 1750]  # in time order
@@ -49,12 +25,12 @@ def test_the_median_round_is_kept_with_every_round_recorded() -> None:
 
 def test_a_round_on_one_worker_is_not_the_median_while_even_rounds_exist() -> None:
     rounds = [
-        _point("bare", 2500, shares=[0.99, 0.01]),
-        _point("bare", 4200),
-        _point("bare", 4000),
+        make_point("bare", 2500, shares=[0.99, 0.01]),
+        make_point("bare", 4200),
+        make_point("bare", 4000),
     ]
     assert median_round(rounds, key=lambda p: p.rps).rps == 4000
-    lopsided = [_point("bare", r, shares=[1.0, 0.0]) for r in (2400, 2600, 2500)]
+    lopsided = [make_point("bare", r, shares=[1.0, 0.0]) for r in (2400, 2600, 2500)]
     assert median_round(lopsided, key=lambda p: p.rps).rps == 2500
 
 
@@ -76,8 +52,8 @@ def test_endpoints_take_turns_and_half_load_runs_at_half_the_median(
     ) -> Point:
         calls.append((endpoint, kw["load"], kw["target"]))
         if kw["load"] == "full":
-            return _point(endpoint, next(full_rates[endpoint]))
-        return _point(endpoint, kw["target"], load="half", p99=4.0 * next(tails[endpoint]))
+            return make_point(endpoint, next(full_rates[endpoint]))
+        return make_point(endpoint, kw["target"], load="half", p99=4.0 * next(tails[endpoint]))
 
     monkeypatch.setattr(run, "measure", measure)
     monkeypatch.setattr(run, "warm_up", lambda *a, **k: None)

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.run import Point, Server, balanced, ratios
+from bench.run import Server, balanced, ratios
+from tests.unit.bench.points import make_point
 
 _BUSY = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
 _IDLE = "import time; time.sleep(1.5)"
@@ -55,40 +56,17 @@ def test_one_worker_is_always_balanced() -> None:
     assert balanced([0.6, 0.4], 2)
 
 
-def _point(endpoint: str, rps: float, *, shares: list[float], load: str = "full") -> Point:
-    return Point(
-        backend="sqlite",
-        server="storyvault",
-        workers=2,
-        endpoint=endpoint,
-        load=load,
-        connections=32,
-        target_rps=None,
-        rps=rps,
-        requests=int(rps * 10),
-        errors=0,
-        p50_ms=4.0,
-        p90_ms=6.0,
-        p99_ms=10.0,
-        mean_ms=5.0,
-        max_ms=20.0,
-        cpu_ms_per_request=0.6,
-        cpu_util=1.6,
-        worker_cpu_shares=shares,
-    )
-
-
 def test_a_ratio_with_a_point_on_one_worker_is_not_judged() -> None:
     """The bare read's load reached one worker in every attempt: (c)/(b) compares
     two workers with one, so the table keeps the figure but marks no goal met."""
     even = [0.5, 0.5]
     points = [
-        _point("health", 9000, shares=even),
-        _point("bare", 2500, shares=[0.99, 0.01]),
-        _point("gated", 2750, shares=even),
-        _point("gated", 1375, shares=even, load="half"),
+        make_point("health", 9000, shares=even),
+        make_point("bare", 2500, shares=[0.99, 0.01]),
+        make_point("gated", 2750, shares=even),
+        make_point("gated", 1375, shares=even, load="half"),
     ]
-    naive = _point("naive", 230, shares=even)
+    naive = make_point("naive", 230, shares=even)
     naive.server = "naive"
     (row,) = ratios([*points, naive])
     assert row["c_over_b"] == 1.1
