@@ -706,17 +706,21 @@ def bench_server(
     machine falls on one round of each rather than on one endpoint's whole point;
     each point is its median round (``median_round``: by requests/s at full load,
     by p99/p50 at half load)."""
-    scripts: dict[str, Path] = {}
+    tags = {e: f"{backend}-{server.name}-w{server.workers}-{e}" for e in endpoints}
+    full_scripts: dict[str, Path] = {}
     for endpoint, path_fmt in endpoints.items():
-        tag = f"{backend}-{server.name}-w{server.workers}-{endpoint}"
-        scripts[endpoint] = lua_script(workdir, tag + "-full", path_fmt, ids, key, None)
+        full_scripts[endpoint] = lua_script(
+            workdir, tags[endpoint] + "-full", path_fmt, ids, key, None
+        )
         # The naive reference keeps no cache of its own (every request unwraps its
         # keys again) and reads the file Story Vault's points already brought into
         # the page cache: --warmup seconds are its whole warm-up.
         cached = "%s" in path_fmt and server.name == "storyvault"
-        warm_up(wrk, server, scripts[endpoint], len(ids) if cached else 0, args)
+        warm_up(wrk, server, full_scripts[endpoint], len(ids) if cached else 0, args)
 
-    def rounds_of(load: str, targets: dict[str, float | None]) -> dict[str, list[Point]]:
+    def rounds_of(
+        load: str, scripts: dict[str, Path], targets: dict[str, float | None]
+    ) -> dict[str, list[Point]]:
         runs: dict[str, list[Point]] = {endpoint: [] for endpoint in endpoints}
         for _ in range(args.rounds):
             for endpoint in endpoints:
@@ -726,7 +730,7 @@ def bench_server(
                         server,
                         backend,
                         endpoint,
-                        scripts[endpoint] if load == "full" else half[endpoint],
+                        scripts[endpoint],
                         load=load,
                         duration=args.duration,
                         connections=args.connections,
@@ -735,14 +739,14 @@ def bench_server(
                 )
         return runs
 
-    half: dict[str, Path] = {}
-    full_runs = rounds_of("full", dict.fromkeys(endpoints))
+    full_runs = rounds_of("full", full_scripts, dict.fromkeys(endpoints))
     full = {e: median_round(runs, key=lambda p: p.rps) for e, runs in full_runs.items()}
-    for endpoint, path_fmt in endpoints.items():
-        tag = f"{backend}-{server.name}-w{server.workers}-{endpoint}"
-        target = full[endpoint].rps / 2
-        half[endpoint] = lua_script(workdir, tag + "-half", path_fmt, ids, key, target)
-    half_runs = rounds_of("half", {e: full[e].rps / 2 for e in endpoints})
+    targets: dict[str, float | None] = {e: full[e].rps / 2 for e in endpoints}
+    half_scripts = {
+        e: lua_script(workdir, tags[e] + "-half", path_fmt, ids, key, targets[e])
+        for e, path_fmt in endpoints.items()
+    }
+    half_runs = rounds_of("half", half_scripts, targets)
     points: list[Point] = []
     for endpoint in endpoints:
         points += [full[endpoint], median_round(half_runs[endpoint], key=_tail)]
@@ -753,8 +757,7 @@ def bench_server(
         )
     # After every point: the profile's extra load perturbs no measured point.
     if profile_dir is not None and "gated" in endpoints:
-        tag = f"{backend}-{server.name}-w{server.workers}-gated"
-        profile(server, scripts["gated"], wrk, args, profile_dir / f"{tag}")
+        profile(server, full_scripts["gated"], wrk, args, profile_dir / tags["gated"])
     return points
 
 
