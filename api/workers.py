@@ -29,13 +29,11 @@ from types import FrameType
 from typing import Any
 
 import structlog
+from uvicorn.config import STARTUP_FAILURE  # a worker that failed to start: not restarted
 
 __all__ = ["serve_workers"]
 
 log = structlog.get_logger("storyvault.workers")
-
-STARTUP_FAILURE = 3
-"""A worker's exit code when the app failed to start (uvicorn's): not restarted."""
 
 _STOP_TIMEOUT = 30.0
 
