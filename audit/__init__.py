@@ -61,6 +61,7 @@ from audit._merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from audit._remote import LogServer, RemoteLog
 from audit._sql import Prepared
 from audit._store import TABLE_NAMES, TABLES, entries, nodes, tree_heads
 from audit._tree_head import (
@@ -97,10 +98,12 @@ __all__ = [
     "InvalidEntry",
     "InvalidProofRequest",
     "InvalidQuery",
+    "LogServer",
     "LogStateConflict",
     "LogVerification",
     "Prepared",
     "ProgressCallback",
+    "RemoteLog",
     "SignedTreeHead",
     "StoredEntry",
     "TransparencyLog",

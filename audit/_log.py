@@ -245,6 +245,9 @@ class AppendResult:
 
     first_index: int
     tree_head: SignedTreeHead
+    way: str = ""
+    """How the transaction was written, where a caller chose among ways (PostgreSQL:
+    ``alone``, ``locked``, or ``refused_locked`` when going alone was refused)."""
 
     @property
     def indexes(self) -> range:

@@ -29,6 +29,11 @@ round trips, as on PostgreSQL), a batch that closes as soon as the callers
 then pending reach the goal leaves behind the ones a millisecond away, and
 the log commits more, smaller batches: measured there, no gain.
 
+With ``in_flight`` > 1 the writer sends a batch while up to ``in_flight - 1``
+batches before it still commit, for a log that appends batches in the order they
+were sent without holding this event loop (``RemoteLog``: another process
+commits). Each caller is still answered once its own batch has committed.
+
 Durability contract: ``append`` returns the leaf index only after the batch holding
 the entry has committed. If that commit fails, every caller of the batch gets
 ``AuditUnavailable`` and must fail closed (disclose nothing).
@@ -73,9 +78,12 @@ class AuditWriter:
         max_delay: float = 0.002,
         max_batch: int = 512,
         early_close: bool = True,
+        in_flight: int = 1,
     ) -> None:
-        if max_delay < 0 or max_batch < 1:
-            raise ValueError("max_delay must be >= 0 and max_batch >= 1")
+        if max_delay < 0 or max_batch < 1 or in_flight < 1:
+            raise ValueError("max_delay must be >= 0, max_batch and in_flight >= 1")
+        if early_close and in_flight > 1:
+            raise ValueError("early_close counts one batch committing at a time")
         self._log = log
         self._max_delay = max_delay
         self._max_batch = max_batch
@@ -93,6 +101,11 @@ class AuditWriter:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._batches = 0
+        # Batches committing at once: more than one where the log appends them in
+        # order without holding this loop (a RemoteLog).
+        self._slots = asyncio.Semaphore(in_flight)
+        self._in_flight = in_flight
+        self._committing_tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def _loop_time() -> float:
@@ -182,6 +195,12 @@ class AuditWriter:
                 self._peak = len(self._pending) + len(batch)
                 if len(self._pending) < self._goal and not self._stopping:
                     self._full.clear()
+                if self._in_flight > 1:
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._commit_in_slot(batch))
+                    self._committing_tasks.add(task)
+                    task.add_done_callback(self._committing_tasks.discard)
+                    continue
                 self._committing = len(batch)
                 try:
                     await self._commit(batch)
@@ -192,6 +211,14 @@ class AuditWriter:
             self._stopping = True
             self._fail(self._pending, None)
             self._pending = []
+            if self._committing_tasks:
+                await asyncio.gather(*self._committing_tasks, return_exceptions=True)
+
+    async def _commit_in_slot(self, batch: list[_Pending]) -> None:
+        try:
+            await self._commit(batch)
+        finally:
+            self._slots.release()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:

@@ -132,6 +132,49 @@ async def test_entries_that_waited_out_the_window_during_a_commit_go_at_once(kit
     assert starts[1] - ends[0] < window / 2, (starts, ends)
 
 
+async def test_with_several_in_flight_a_batch_does_not_wait_for_the_one_before(
+    kit: type,
+) -> None:
+    """``in_flight`` > 1 (a log in another process): the next batch is sent while the
+    one before commits, up to the limit, and each caller still gets its own index
+    only once its batch has committed."""
+    commit = 0.2
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    committed: list[int] = []
+    open_ = 0
+    most_open = 0
+
+    class SlowLog:
+        async def append(self, batch: Sequence[AuditEntry]) -> AppendResult:
+            nonlocal open_, most_open
+            starts.append(loop.time())
+            first = len(committed)
+            committed.extend(range(len(batch)))
+            open_ += 1
+            most_open = max(most_open, open_)
+            await asyncio.sleep(commit)
+            open_ -= 1
+            return AppendResult(first, None)  # type: ignore[arg-type]
+
+    async with AuditWriter(SlowLog(), max_delay=0.0, early_close=False, in_flight=2) as writer:
+        tasks = []
+        for i in range(6):  # six batches of one, 10 ms apart
+            tasks.append(asyncio.create_task(writer.append(kit.make_entry(i))))
+            await asyncio.sleep(0.01)
+        assert not any(t.done() for t in tasks[:2])  # not before their commit ends
+        assert sorted(await asyncio.gather(*tasks)) == list(range(6))
+    assert most_open == 2  # never more than the limit at once
+    assert starts[1] - starts[0] < commit / 2  # the second did not wait for the first
+
+
+def test_early_close_and_several_in_flight_are_refused(audit_log: TransparencyLog) -> None:
+    with pytest.raises(ValueError, match="early_close"):
+        AuditWriter(audit_log, early_close=True, in_flight=2)
+    with pytest.raises(ValueError, match="in_flight"):
+        AuditWriter(audit_log, early_close=False, in_flight=0)
+
+
 class _BrokenLog:
     def __init__(self) -> None:
         self.calls = 0
