@@ -97,13 +97,15 @@ def serve(workers: int | None) -> None:
         "lifespan": "on",
     }
     workers = workers or settings.workers
-    if workers > 1:
+    # The audit group commit in a process of its own (governance.auditproc).
+    audit = settings.uses_audit_process(workers)
+    if workers > 1 or audit:
         # A socket per worker (api.workers): uvicorn's workers share one, and a
         # client's connections opened at once then land on a single worker.
         from api.workers import serve_workers
 
         try:
-            code = serve_workers(workers, options)
+            code = serve_workers(workers, options, audit=audit)
         except OSError as exc:
             click.echo(f"storyvault: cannot listen on {url}: {exc}", err=True)
             code = 1

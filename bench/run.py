@@ -60,6 +60,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from api.workers import AUDIT_NAME
 from bench.common import RESULTS, base_settings, machine
 from governance.demo import demo_stories
 
@@ -240,6 +241,14 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _comm(pid: int) -> str:
+    """The process's name (/proc/PID/comm); empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 @dataclass
 class Server:
     name: str
@@ -286,12 +295,17 @@ class Server:
     def worker_shares(self, before: dict[int, float], after: dict[int, float]) -> list[float]:
         """Each worker's share of the workers' CPU between two ``cpu_by_pid`` readings,
         largest first (empty with one worker, which is the server process itself).
-        The workers are the descendants that used the most CPU (a helper process of
-        multiprocessing, if any, uses next to none)."""
+        The workers are the descendants that used the most CPU, other than Story
+        Vault's audit process (a helper process of multiprocessing, if any, uses next
+        to none)."""
         if self.workers < 2:
             return []
         used = sorted(
-            (after[pid] - before.get(pid, 0.0) for pid in after if pid != self.proc.pid),
+            (
+                after[pid] - before.get(pid, 0.0)
+                for pid in after
+                if pid != self.proc.pid and _comm(pid) != AUDIT_NAME
+            ),
             reverse=True,
         )[: self.workers]
         used += [0.0] * (self.workers - len(used))  # a worker gone counts as idle

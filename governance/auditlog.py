@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 
 from sqlalchemy.engine import Connection
 
-from audit import AppendResult, AuditEntry, EncodedEntry, TransparencyLog
+from audit import AppendResult, AuditEntry, EncodedEntry, RemoteLog, TransparencyLog
 from governance.db import Database, DatabaseBusy
 from governance.metrics import AUDIT_BATCH_WAYS
 
@@ -36,7 +37,7 @@ _ALONE = AUDIT_BATCH_WAYS.labels(way="alone")
 _LOCKED = AUDIT_BATCH_WAYS.labels(way="locked")
 _REFUSED = AUDIT_BATCH_WAYS.labels(way="alone_refused")
 
-__all__ = ["InlineSqliteLog", "PgBatchLog"]
+__all__ = ["InlineSqliteLog", "PgBatchLog", "RelayedLog"]
 
 _BACKOFF = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
 """Pauses between in-place attempts while another process writes (31.5 ms in all)."""
@@ -81,12 +82,38 @@ class PgBatchLog:
         # One round trip while this process is the log's only writer; under the lock
         # in a transaction (five) when another appended since, or went first.
         log = self._log
+        refused = False
         if log.may_go_alone:
             done = await self._db.pg_connection(lambda conn: log.append_pg_alone(conn, encoded))
             if done is not None:
                 _ALONE.inc()
-                return done
+                return replace(done, way="alone")
             _REFUSED.inc()
+            refused = True
         result = await self._db.pg_transaction(lambda conn: log.append_pg(conn, encoded))
         _LOCKED.inc()
+        return replace(result, way="refused_locked" if refused else "locked")
+
+
+class RelayedLog:
+    """A worker's ``BatchLog`` when the audit process appends (``audit.RemoteLog``,
+    ``governance.auditproc``): this worker's metrics count its batches by the way
+    the audit process wrote the transaction that held them, as ``PgBatchLog`` counts
+    its own."""
+
+    def __init__(self, remote: RemoteLog) -> None:
+        self._remote = remote
+
+    async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
+        result = await self._remote.append(batch)
+        way = result.way
+        if way == "alone":
+            _ALONE.inc()
+        elif way in {"locked", "refused_locked"}:
+            if way == "refused_locked":
+                _REFUSED.inc()
+            _LOCKED.inc()
         return result
+
+    async def close(self) -> None:
+        await self._remote.close()

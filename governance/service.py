@@ -16,10 +16,10 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from audit import AuditEntry, AuditWriter, BatchLog, EntryKind, TransparencyLog
+from audit import AuditEntry, AuditWriter, BatchLog, EntryKind, RemoteLog, TransparencyLog
 from consent import Ledger, PurposeTerms, ReceiptSigner
 from consent import LegalBasis as ConsentBasis
-from governance.auditlog import InlineSqliteLog, PgBatchLog
+from governance.auditlog import InlineSqliteLog, PgBatchLog, RelayedLog
 from governance.catalog import Catalog, load_catalog
 from governance.datakeys import DataKeys, check_ring_fits
 from governance.db import Database
@@ -97,7 +97,10 @@ class StoryVault(Operations, InsightsOperations):
         )
         self.audit_log = TransparencyLog(self.db.engine, signing.private, signing.kid)
         batch_log: BatchLog
-        if self.db.sync_engine is not None:
+        if settings.audit_socket is not None:
+            # The audit log's own process appends (governance.auditproc).
+            batch_log = RelayedLog(RemoteLog(settings.audit_socket))
+        elif self.db.sync_engine is not None:
             batch_log = InlineSqliteLog(self.audit_log, self.db)
         elif self.db.dialect == "postgresql":
             batch_log = PgBatchLog(self.audit_log, self.db)
@@ -106,11 +109,19 @@ class StoryVault(Operations, InsightsOperations):
         # Closing a batch early (once every caller that can be pending is) pays
         # where the gated read reaches its entry in lock step: on SQLite, whose
         # reads run in place (see audit.AuditWriter).
-        self.audit_writer = AuditWriter(
-            MeasuredBatchLog(batch_log),
-            max_delay=settings.audit_batch_ms / 1000.0,
-            early_close=self.db.dialect == "sqlite",
-        )
+        self._batch_log = batch_log
+        if isinstance(batch_log, RelayedLog):
+            # The audit process gathers: each pass of the loop sends what its reads
+            # appended, without waiting for the batch before it to commit.
+            self.audit_writer = AuditWriter(
+                MeasuredBatchLog(batch_log), max_delay=0.0, early_close=False, in_flight=64
+            )
+        else:
+            self.audit_writer = AuditWriter(
+                MeasuredBatchLog(batch_log),
+                max_delay=settings.audit_batch_ms / 1000.0,
+                early_close=self.db.dialect == "sqlite",
+            )
         self.audit: AuditSink = self.audit_writer
         self.policy_store = PolicyStore(self.db.engine)
         self.policy = PolicyEngine(self.policy_store, self._policy_catalog(set()))
@@ -195,6 +206,8 @@ class StoryVault(Operations, InsightsOperations):
             await self._bounded("policy_watcher", self.policy_watcher.stop())
             self.policy_watcher = None
         await self._bounded("audit_writer", self.audit_writer.stop())
+        if isinstance(self._batch_log, RelayedLog):
+            await self._bounded("audit_connection", self._batch_log.close())
         await self._bounded("database", self.db.dispose())
         if self.keystore is not self.db:
             await self._bounded("keystore", self.keystore.dispose())

@@ -48,6 +48,17 @@ def _float(name: str, default: float, *, low: float, high: float) -> float:
     return value
 
 
+def _auto_bool(name: str) -> bool | None:
+    """true, false, or None for ``auto`` (the default)."""
+    raw = _env(name)
+    if raw is None or raw.lower() == "auto":
+        return None
+    try:
+        return _bool(name, default=False)
+    except SettingsError:
+        raise SettingsError(f"{_PREFIX}{name} must be auto, true or false, got {raw!r}") from None
+
+
 def _bool(name: str, *, default: bool) -> bool:
     raw = _env(name)
     if raw is None:
@@ -101,6 +112,12 @@ class Settings:
     """Load demo teams, keys and customers when the database is new (``make run``)."""
     workers: int = 1
     """Server worker processes."""
+    audit_process: bool | None = None
+    """``storyvault serve`` runs the audit group commit in a process of its own, which
+    appends the batches of every worker (``governance.auditproc``); None (``auto``):
+    when the workers leave a CPU of this machine free for it (``uses_audit_process``)."""
+    audit_socket: str | None = None
+    """The Unix socket of that process; ``storyvault serve`` sets it for its workers."""
     login_code_ttl: int = 600
     """Seconds a customer one-time code stays valid."""
     session_ttl: int = 3600
@@ -118,6 +135,17 @@ class Settings:
     """Smallest group an aggregate insight may show."""
     retention_interval: float = 3600.0
     """Seconds between background retention sweeps (0 turns the background sweep off)."""
+
+    def uses_audit_process(self, workers: int) -> bool:
+        """Whether ``storyvault serve`` with ``workers`` runs the audit process: as set,
+        else when this process may run on more CPUs than there are workers: with
+        none left over it takes its CPU from theirs (measured: docs/benchmarks.md).
+        Never for an in-memory database, which no other process can reach."""
+        if ":memory:" in self.database_url:
+            return False
+        if self.audit_process is not None:
+            return self.audit_process
+        return workers < len(os.sched_getaffinity(0))
 
     @property
     def is_sqlite(self) -> bool:
@@ -186,6 +214,8 @@ def load_settings() -> Settings:
         bench_routes=_bool("BENCH_ROUTES", default=False),
         demo_data=_bool("DEMO_DATA", default=True),
         workers=_int("WORKERS", 1, low=1, high=64),
+        audit_process=_auto_bool("AUDIT_PROCESS"),
+        audit_socket=_env("AUDIT_SOCKET") or None,
         login_code_ttl=_int("LOGIN_CODE_TTL", 600, low=60, high=3600),
         session_ttl=_int("SESSION_TTL", 3600, low=60, high=86_400 * 30),
         rate_limit_per_minute=_int("RATE_LIMIT_PER_MINUTE", 6000, low=1, high=10_000_000),

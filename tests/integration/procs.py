@@ -43,6 +43,8 @@ def env_of(settings: Settings, **extra: str) -> dict[str, str]:
     )
     if settings.admin_key:
         env["STORYVAULT_ADMIN_KEY"] = settings.admin_key
+    if settings.audit_process is not None:
+        env["STORYVAULT_AUDIT_PROCESS"] = "true" if settings.audit_process else "false"
     env.update(extra)
     return {k: v for k, v in env.items() if v != ""}
 
@@ -102,6 +104,18 @@ class Server:
                 raise AssertionError(f"serve exited {self.proc.returncode}: {self.tail()}")
             time.sleep(0.2)
         raise AssertionError(f"serve not ready in {ready_timeout} s: {self.tail()}")
+
+    def children(self, name: str) -> list[int]:
+        """The serving command's child processes named ``name`` (/proc/PID/comm):
+        ``api.workers.WORKER_NAME`` or ``AUDIT_NAME``."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        found = []
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/comm").read_text().strip() == name:
+                    found.append(int(child))
+        return found
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log else ""

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.workers import WORKER_NAME
 from governance.settings import Settings
 from tests.integration.procs import REPO, STORYVAULT, Server, env_of
 
@@ -21,12 +22,8 @@ pytestmark = pytest.mark.parametrize("backend", ["sqlite"])
 
 
 def _workers(server: Server) -> list[int]:
-    """The worker processes: the serving command's children that run uvicorn (not
-    multiprocessing's resource tracker)."""
-    assert server.proc is not None
-    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
-    pids = [int(p) for p in children.read_text().split()]
-    return [p for p in pids if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+    """The worker processes (not the audit process or multiprocessing's helpers)."""
+    return server.children(WORKER_NAME)
 
 
 def _tcp_connections(pid: int) -> set[int]:

@@ -25,6 +25,7 @@ from governance.settings import load_settings
         ("STORYVAULT_ADMIN_KEY", "short", "STORYVAULT_ADMIN_KEY"),
         ("STORYVAULT_CATALOG", "/nonexistent/catalog.toml", "STORYVAULT_CATALOG"),
         ("STORYVAULT_SECURE_COOKIES", "maybe", "STORYVAULT_SECURE_COOKIES"),
+        ("STORYVAULT_AUDIT_PROCESS", "sometimes", "STORYVAULT_AUDIT_PROCESS"),
     ],
 )
 def test_wrong_setting_names_the_variable(
@@ -34,6 +35,32 @@ def test_wrong_setting_names_the_variable(
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=needle):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "url", "workers", "cpus", "expected"),
+    [
+        (None, "sqlite+aiosqlite:///x.db", 1, 2, True),  # a CPU left for it
+        (None, "sqlite+aiosqlite:///x.db", 2, 2, False),  # it would take theirs
+        ("auto", "postgresql+asyncpg://h/db", 3, 8, True),
+        ("true", "sqlite+aiosqlite:///x.db", 2, 2, True),
+        ("false", "sqlite+aiosqlite:///x.db", 1, 2, False),
+        ("true", "sqlite+aiosqlite:///:memory:", 1, 2, False),  # no other process reaches it
+    ],
+)
+def test_the_audit_process_runs_where_a_cpu_is_left_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+    value: str | None,
+    url: str,
+    workers: int,
+    cpus: int,
+    expected: bool,
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("STORYVAULT_AUDIT_PROCESS", value)
+    monkeypatch.setenv("STORYVAULT_DATABASE_URL", url)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert load_settings().uses_audit_process(workers) is expected
 
 
 def test_cli_stops_with_one_line(tmp_path: Path) -> None:
