@@ -60,7 +60,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from api.workers import AUDIT_NAME
+from api.workers import AUDIT_NAME, WORKER_NAME
 from bench.common import RESULTS, base_settings, machine
 from governance.demo import demo_stories
 
@@ -781,7 +781,9 @@ def profile(server: Server, script: Path, wrk: str, args: argparse.Namespace, ou
     if spy is None:
         log("  (py-spy not installed: no profile; pip install py-spy into .venv)")
         return
-    pid = server.pids()[-1]
+    # The worker (not the audit process or the serving process that supervises them).
+    workers = [p for p in server.pids() if _comm(p) == WORKER_NAME]
+    pid = workers[0] if workers else server.pids()[-1]
     secs = max(5, round(args.duration))
     rec = subprocess.Popen(
         [
