@@ -32,7 +32,12 @@ the log commits more, smaller batches: measured there, no gain.
 With ``in_flight`` > 1 the writer sends a batch while up to ``in_flight - 1``
 batches before it still commit, for a log that appends batches in the order they
 were sent without holding this event loop (``RemoteLog``: another process
-commits). Each caller is still answered once its own batch has committed.
+commits). Each caller is still answered once its own batch has committed. With
+``send_at`` too, the caller whose entry makes ``send_at`` entries pending sends
+them itself, at once: callers that reach ``append`` in lock step (SQLite's reads,
+above) would otherwise send all their entries together at the end of the loop's
+pass and then wait, idle, for that one commit; sent in parts, the first parts
+commit while the loop serves the requests after them.
 
 Durability contract: ``append`` returns the leaf index only after the batch holding
 the entry has committed. If that commit fails, every caller of the batch gets
@@ -79,6 +84,7 @@ class AuditWriter:
         max_batch: int = 512,
         early_close: bool = True,
         in_flight: int = 1,
+        send_at: int = 0,
     ) -> None:
         if max_delay < 0 or max_batch < 1 or in_flight < 1:
             raise ValueError("max_delay must be >= 0, max_batch and in_flight >= 1")
@@ -106,6 +112,8 @@ class AuditWriter:
         self._slots = asyncio.Semaphore(in_flight)
         self._in_flight = in_flight
         self._committing_tasks: set[asyncio.Task[None]] = set()
+        # With in_flight > 1: the caller whose entry makes send_at pending sends them.
+        self._send_at = send_at if in_flight > 1 else 0
 
     @staticmethod
     def _loop_time() -> float:
@@ -159,6 +167,13 @@ class AuditWriter:
         if not pending:
             self._first_at = loop.time()
         pending.append((encoded, future))
+        if self._send_at and len(pending) >= self._send_at and not self._stopping:
+            # Sent by this caller, now, not at the end of the loop's pass: the log's
+            # process commits these while this loop serves the requests after them.
+            self._pending = []
+            async with self._slots:
+                await self._commit(pending)
+            return await future
         self._peak = max(self._peak, len(pending) + self._committing)
         self._arrived.set()
         if len(pending) >= self._goal:

@@ -168,6 +168,44 @@ async def test_with_several_in_flight_a_batch_does_not_wait_for_the_one_before(
     assert starts[1] - starts[0] < commit / 2  # the second did not wait for the first
 
 
+async def test_the_caller_that_fills_send_at_sends_at_once(kit: type) -> None:
+    """With ``send_at``, entries appended in one pass of the loop go in parts of
+    ``send_at``, each sent by the caller that completes it before the pass goes on
+    (not all together once the pass is over); the rest follow with the writer."""
+    events: list[tuple[str, int]] = []
+    first = 0
+
+    class Log:
+        async def append(self, batch: Sequence[AuditEntry]) -> AppendResult:
+            nonlocal first
+            events.append(("sent", len(batch)))
+            start, first = first, first + len(batch)
+            await asyncio.sleep(0.05)
+            return AppendResult(start, None)  # type: ignore[arg-type]
+
+    class Caller:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        async def run(self, writer: AuditWriter) -> int:
+            events.append(("read", self.i))  # the request's own work, before its entry
+            return await writer.append(kit.make_entry(self.i))
+
+    writer = AuditWriter(Log(), max_delay=0.0, early_close=False, in_flight=8, send_at=4)
+    async with writer:
+        indexes = await asyncio.gather(*(Caller(i).run(writer) for i in range(10)))
+    assert sorted(indexes) == list(range(10))
+    assert events[:12] == [
+        *(("read", i) for i in range(4)),
+        ("sent", 4),  # sent by the fourth caller, before the fifth request ran
+        *(("read", i) for i in range(4, 8)),
+        ("sent", 4),
+        ("read", 8),
+        ("read", 9),
+    ]
+    assert events[12:] == [("sent", 2)]  # the rest, by the writer
+
+
 def test_early_close_and_several_in_flight_are_refused(audit_log: TransparencyLog) -> None:
     with pytest.raises(ValueError, match="early_close"):
         AuditWriter(audit_log, early_close=True, in_flight=2)
