@@ -42,7 +42,9 @@ def test_wrong_setting_names_the_variable(
     [
         (None, "sqlite+aiosqlite:///x.db", 1, 2, True),  # a CPU left for it
         (None, "sqlite+aiosqlite:///x.db", 2, 2, False),  # it would take theirs
-        ("auto", "postgresql+asyncpg://h/db", 3, 8, True),
+        ("auto", "sqlite+aiosqlite:///x.db", 3, 8, True),
+        (None, "postgresql+asyncpg://h/db", 1, 8, False),  # the database's processes commit
+        ("true", "postgresql+asyncpg://h/db", 2, 2, True),
         ("true", "sqlite+aiosqlite:///x.db", 2, 2, True),
         ("false", "sqlite+aiosqlite:///x.db", 1, 2, False),
         ("true", "sqlite+aiosqlite:///:memory:", 1, 2, False),  # no other process reaches it
