@@ -126,19 +126,24 @@ def test_reads_fail_closed_while_the_audit_process_is_away_then_recover(
     cli(settings, "audit", "verify")
 
 
+def _two_workers_and_the_audit_process(server: Server) -> list[int]:
+    """Their pids, once all three run (the workers first, the audit process last)."""
+
+    def running() -> list[int]:
+        found = server.children(WORKER_NAME) + server.children(AUDIT_NAME)
+        return found if len(found) == 3 else []
+
+    pids: list[int] = _wait("the workers and the audit process", running, server)
+    return pids
+
+
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_sigterm_stops_everything_and_a_killed_server_leaves_no_process(
     settings: Settings,
 ) -> None:
     settings = replace(settings, audit_process=True)
     server = Server(settings, workers=2).start()
-    children = _wait(
-        "the workers and the audit process",
-        lambda: (
-            len(found := server.children(WORKER_NAME) + server.children(AUDIT_NAME)) == 3 and found
-        ),
-        server,
-    )
+    children = _two_workers_and_the_audit_process(server)
     # The workers reach the audit process on a socket only the service's user can use.
     environ = Path(f"/proc/{children[0]}/environ").read_bytes().split(b"\0")
     [path] = [
@@ -158,14 +163,7 @@ def test_sigterm_stops_everything_and_a_killed_server_leaves_no_process(
     # instead of holding the port and the database.
     server = Server(settings, workers=2).start()
     try:
-        children = _wait(
-            "the workers and the audit process",
-            lambda: (
-                len(found := server.children(WORKER_NAME) + server.children(AUDIT_NAME)) == 3
-                and found
-            ),
-            server,
-        )
+        children = _two_workers_and_the_audit_process(server)
         assert server.proc is not None
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(timeout=10)
