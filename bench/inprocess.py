@@ -106,9 +106,9 @@ async def drive(call: Call, ids: list[str], requests: int, concurrency: int) -> 
     return {"requests": done, "cpu_us": cpu / done * 1e6, "wall_us": wall / done * 1e6}
 
 
-async def measure(
-    data_dir: Path, url: str, ids: list[str], key: str, args: argparse.Namespace, logs: TextIO
-) -> dict[str, Any]:
+def serving_app(data_dir: Path, url: str, customers: int, logs: TextIO) -> Any:
+    """The ASGI app as a benchmark server's worker serves it (the settings of
+    ``make bench``'s servers), its JSON log lines written to ``logs``."""
     from api.app import create_app
     from governance.logs import configure_logging
 
@@ -116,19 +116,30 @@ async def measure(
         data_dir,
         url,
         bench_routes=True,
-        dek_cache_size=max(10_000, len(ids) * 13),
+        dek_cache_size=max(10_000, customers * 13),
         rate_limit_per_minute=10_000_000,
     )
     # The JSON log lines are written as a server writes them, to a file.
     configure_logging(stream=logs)
     # As a worker serves it (api.asgi): its heap frozen once started.
-    app = create_app(settings, migrate=False, freeze_heap=True)
+    return create_app(settings, migrate=False, freeze_heap=True)
+
+
+async def warm(call: Call, ids: list[str]) -> None:
+    """Every customer read twice, so that their rows and data keys are cached."""
+    for _ in range(2):
+        await drive(call, ids, len(ids), 1)
+
+
+async def measure(
+    data_dir: Path, url: str, ids: list[str], key: str, args: argparse.Namespace, logs: TextIO
+) -> dict[str, Any]:
+    app = serving_app(data_dir, url, len(ids), logs)
     out: dict[str, Any] = {}
     async with app.lifespan():
         for endpoint in ENDPOINTS:
             call = asgi_caller(app, endpoint, key)
-            for _ in range(2):  # warm: every customer's rows and data keys cached
-                await drive(call, ids, len(ids), 1)
+            await warm(call, ids)
             runs = [
                 await drive(call, ids, args.requests, args.concurrency) for _ in range(args.repeat)
             ]

@@ -1,0 +1,72 @@
+"""bench.instructions: it counts instructions per request with callgrind (a real run
+under valgrind, small), reads the count callgrind prints, and refuses bad arguments
+before it seeds anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import bench.common
+from bench.instructions import counted, main, per_request, ratios
+
+
+def test_the_count_is_what_callgrind_collected() -> None:
+    stderr = (
+        "==4242== Callgrind, a call-graph generating cache profiler\n"
+        "==4242== \n"
+        "==4242== Events    : Ir\n"
+        "==4242== Collected : 1035582347\n"
+        "==4242== \n"
+        "==4242== I   refs:      1,035,582,347\n"
+    )
+    assert counted(stderr) == 1_035_582_347
+    assert per_request(1_035_582_347, 640) == 1_618_097
+    with pytest.raises(RuntimeError, match="no count"):
+        counted("==4242== Callgrind\n==4242== brk segment overflow\n")
+    with pytest.raises(ValueError):
+        per_request(10, 0)
+
+
+def test_ratios_are_requests_per_instruction_as_make_bench_states_them() -> None:
+    got = ratios({"health": 550_000, "bare": 1_490_000, "gated": 1_600_000})
+    assert got == {"c_over_a": 0.344, "c_over_b": 0.931}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trees", "{tmp}"], "not a source tree"),
+        (["--endpoints", "health,login"], "unknown endpoints: login"),
+        (["--requests", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_before_seeding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([a.format(tmp=tmp_path) for a in args])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_small_run_counts_each_endpoint_under_valgrind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    assert (
+        main(
+            ["--customers", "8", "--requests", "32", "--repeat", "1", "--endpoints", "health,gated"]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "instructions.json").read_text())
+    (build,) = result["builds"]
+    figures = build["instructions_per_request"]
+    # The app's work per request: far more than nothing, and the gated read (key,
+    # policy, consent, story, masks, audit entry) well above the framework's floor.
+    assert 100_000 < figures["health"] < figures["gated"] / 1.5
+    assert build["runs"] == {"health": [figures["health"]], "gated": [figures["gated"]]}
+    assert "valgrind" in result["valgrind"]
