@@ -50,13 +50,17 @@ checks that a bearer credential is there and passes it on as a ``PresentedKey``.
 
 
 def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    header = connection.headers.get("authorization")
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    """The first ``Authorization`` header's bearer token, if that is what it holds.
+    Read from the ASGI scope's raw headers (names arrive lower-cased), not through
+    ``connection.headers``, which would build a headers object for this alone."""
+    for name, value in connection.scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                return None
+            return token
+    return None
 
 
 class BearerAuthMiddleware(AbstractAuthenticationMiddleware):

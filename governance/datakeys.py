@@ -63,6 +63,20 @@ class KeyCache:
             return None
         return entry[1]
 
+    def missing(self, dek_ids: Iterable[str]) -> list[str]:
+        """Those of ``dek_ids`` that ``get`` would not find (expired ones are dropped
+        as ``get`` drops them): one read of the clock for all of them."""
+        entries = self._entries
+        now = self._clock()
+        out: list[str] = []
+        for dek_id in dek_ids:
+            entry = entries.get(dek_id)
+            if entry is None or entry[0] <= now:
+                if entry is not None:
+                    del entries[dek_id]
+                out.append(dek_id)
+        return out
+
     def put(self, dek_id: str, key: bytes) -> None:
         entries = self._entries
         now = self._clock()
@@ -224,7 +238,7 @@ class DataKeys:
             missing = list(dek_ids)
         else:
             with self._lock:
-                missing = [dek_id for dek_id in dek_ids if cache.get(dek_id) is None]
+                missing = cache.missing(dek_ids)
         if not missing:
             self.hits += len(dek_ids)
             return dek_ids

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import sys
 import time
 import uuid
@@ -223,34 +224,72 @@ class OpenedStory(msgspec.Struct, array_like=True, frozen=True):
     chapter_keys: list[str]
 
 
-class CachedStory(msgspec.Struct, array_like=True, frozen=True):
-    """An ``OpenedStory`` as a story-cache hit decodes it: the chapters are left as
-    the JSON array the cache holds, which is also how a response encodes them (the
-    same encoder, the same fields), so a read that masks and drops none of them
-    sends that array as it is instead of decoding and encoding every chapter."""
+class _CachedHead(msgspec.Struct, array_like=True, frozen=True):
+    profile: dict[str, str]
+    profile_categories: dict[str, str]
+
+
+class _CachedKeys(msgspec.Struct, array_like=True, frozen=True):
+    profile_keys: dict[str, str]
+    chapter_keys: list[str]
+
+
+_encode = msgspec.json.Encoder().encode
+# JSON rather than MessagePack: a chapter body may hold an integer wider than 64 bits,
+# which JSON carries as it is.
+_decode_head = msgspec.json.Decoder(_CachedHead).decode
+_decode_keys = msgspec.json.Decoder(_CachedKeys).decode
+_decode_chapters = msgspec.json.Decoder(list[Chapter]).decode
+_LENGTH = struct.Struct(">II")
+
+
+def _encode_opened(story: OpenedStory) -> bytes:
+    """The plaintext the story cache seals: the lengths of the first two parts, then
+    the profile (with its categories), the data-key ids, and the chapters, each JSON."""
+    head = _encode(_CachedHead(story.profile, story.profile_categories))
+    keys = _encode(_CachedKeys(story.profile_keys, story.chapter_keys))
+    return b"".join((_LENGTH.pack(len(head), len(keys)), head, keys, _encode(story.chapters)))
+
+
+@dataclass(slots=True, frozen=True)
+class CachedStory:
+    """An ``OpenedStory`` as a story-cache hit decodes it: the profile decoded; the
+    chapters left as the JSON array the cache holds, which is also how a response
+    encodes them (the same encoder, the same fields), so a read that masks and drops
+    none of them sends that array as it is instead of decoding and encoding every
+    chapter; the data-key ids left as JSON too, needed only when a key is gone.
+    The parts are framed by their lengths, so a hit does not scan the chapters."""
 
     profile: dict[str, str]
     profile_categories: dict[str, str]
-    profile_keys: dict[str, str]
     chapters: msgspec.Raw
-    chapter_keys: list[str]
+    keys: msgspec.Raw
+
+    @classmethod
+    def decode(cls, plain: bytes) -> CachedStory:
+        head_len, keys_len = _LENGTH.unpack_from(plain)
+        start = _LENGTH.size
+        view = memoryview(plain)
+        head = _decode_head(view[start : start + head_len])
+        start += head_len
+        return cls(
+            head.profile,
+            head.profile_categories,
+            msgspec.Raw(view[start + keys_len :]),
+            msgspec.Raw(view[start : start + keys_len]),
+        )
 
     def opened(self) -> OpenedStory:
-        """The same story with its chapters decoded."""
+        """The same story with its chapters and data-key ids decoded."""
+        keys = _decode_keys(self.keys)
         return OpenedStory(
             self.profile,
             self.profile_categories,
-            self.profile_keys,
+            keys.profile_keys,
             _decode_chapters(self.chapters),
-            self.chapter_keys,
+            keys.chapter_keys,
         )
 
-
-_encode_opened = msgspec.json.Encoder().encode
-# JSON rather than MessagePack: a chapter body may hold an integer wider than 64 bits,
-# which JSON carries as it is.
-_decode_cached = msgspec.json.Decoder(CachedStory).decode
-_decode_chapters = msgspec.json.Decoder(list[Chapter]).decode
 
 _CacheKey = tuple[str, tuple[str, ...] | None]
 # (story_version, key generation, nonce + ciphertext, data-key ids, values, the
@@ -361,7 +400,7 @@ class StoryCache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return CacheHit(_decode_cached(plain), dek_ids, chapter_categories)
+        return CacheHit(CachedStory.decode(plain), dek_ids, chapter_categories)
 
     def put(
         self,

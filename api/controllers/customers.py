@@ -15,6 +15,7 @@ from api.deps import VaultDep
 from api.middleware import request_id
 from api.schemas import NO_NUL, ChapterCreate, Created, CustomerCreate, CustomerList, IdItem
 from governance.errors import InvalidInput
+from governance.service import StoryVault
 from governance.teams import PresentedKey, Principal
 
 CustomerId = Annotated[str, Parameter(max_length=64, description="the customer's UUID")]
@@ -152,10 +153,13 @@ class GatedReadController(Controller):
     async def story(
         self,
         request: Request[Principal | PresentedKey, Any, Any],
-        vault: VaultDep,
         customer_id: CustomerId,
         purpose: Purpose = None,
     ) -> StoryRead:
+        # The service from the app's state rather than the ``vault`` dependency: a
+        # handler without dependencies skips Litestar's resolving of them and their
+        # clean-up stack on every call (the authentication middleware reads it so too).
+        vault: StoryVault = request.app.state.vault
         credential = team_credential(request)
         try:
             cid = parse_customer_id(customer_id)

@@ -39,6 +39,23 @@ def test_key_cache_forgets_keys_after_their_ttl() -> None:
     assert len(cache) == 0
 
 
+def test_key_cache_names_the_keys_it_lacks_expired_ones_too() -> None:
+    """``missing`` (what a cached story's read asks: are all its data keys still
+    there?) agrees with ``get`` key by key, and drops expired keys as ``get`` does."""
+    clock = Clock()
+    cache = KeyCache(10, 60.0, clock)
+    cache.put("k1", raw_key())
+    clock.now += 30.0
+    cache.put("k2", raw_key())
+    assert cache.missing(["k1", "k2"]) == []
+    assert cache.missing(["k2", "k3", "k1"]) == ["k3"]
+    clock.now += 30.0  # k1's TTL is over, k2's is not
+    assert cache.missing(["k1", "k2", "k3"]) == ["k1", "k3"]
+    assert len(cache) == 1
+    assert cache.get("k2") is not None
+    assert cache.get("k1") is None
+
+
 def test_key_cache_holds_at_most_size_keys_oldest_out_first() -> None:
     clock = Clock()
     cache = KeyCache(3, 60.0, clock)
@@ -117,6 +134,21 @@ def test_story_cache_serves_only_the_version_it_loaded() -> None:
     assert cache.get("c1", None, 4) is None  # changed since: reload
     assert cache.get("c1", ("identity.name",), 3) is None  # another view: its own entry
     assert (cache.hits, cache.misses) == (1, 3)
+
+
+def test_story_cache_round_trips_stories_with_empty_parts() -> None:
+    """The sealed parts are framed by their lengths: empty ones read back as empty."""
+    cache = StoryCache(100, key_lifetime=60.0)
+    bare = OpenedStory(
+        profile={}, profile_categories={}, profile_keys={}, chapters=[], chapter_keys=[]
+    )
+    for n, opened in enumerate([bare, story(), story("ch1")]):
+        cache.put(f"c{n}", None, 1, opened)
+        got = cache.get(f"c{n}", None, 1)
+        assert got is not None
+        assert got.story.opened() == opened
+        assert got.story.profile == opened.profile
+        assert bytes(got.story.chapters) == msgspec.json.encode(opened.chapters)
 
 
 def test_story_cache_keeps_values_sealed() -> None:
