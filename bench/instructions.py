@@ -37,6 +37,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ENDPOINT_NAMES = ("health", "bare", "gated")
+CONCURRENCY = 32
+"""Requests in flight at once, as ``bench.inprocess`` and ``make bench`` drive them."""
 
 
 def counted(valgrind_stderr: str) -> int:
@@ -81,9 +83,9 @@ async def _child(data_dir: Path, endpoint: str, requests: int) -> None:
         async with app.lifespan():
             call = asgi_caller(app, endpoint, key)
             await warm(call, ids)
-            await drive(call, ids, 256, 32)  # the audit log's batches in their rhythm
+            await drive(call, ids, 256, CONCURRENCY)  # the audit batches in their rhythm
             _toggle(True)
-            await drive(call, ids, requests, 32)
+            await drive(call, ids, requests, CONCURRENCY)
             _toggle(False)
 
 
@@ -153,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     endpoints = args.endpoints.split(",")
     if unknown := set(endpoints) - set(ENDPOINT_NAMES):
         parser.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
-    if args.requests < 1 or args.repeat < 1:
-        parser.error("--requests and --repeat must be >= 1")
+    if args.requests < CONCURRENCY or args.requests % CONCURRENCY or args.repeat < 1:
+        parser.error(f"--requests must be a multiple of {CONCURRENCY}, --repeat >= 1")
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed (Debian's valgrind package)")
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "backend": "sqlite",
             "customers": args.customers,
             "requests": args.requests,
-            "concurrency": 32,
+            "concurrency": CONCURRENCY,
             "valgrind": subprocess.run(
                 ["valgrind", "--version"], check=False, capture_output=True, text=True
             ).stdout.strip(),

@@ -40,7 +40,9 @@ def test_ratios_are_requests_per_instruction_as_make_bench_states_them() -> None
     [
         (["--trees", "{tmp}"], "not a source tree"),
         (["--endpoints", "health,login"], "unknown endpoints: login"),
-        (["--requests", "0"], "must be >= 1"),
+        (["--requests", "0"], "multiple of 32"),
+        (["--requests", "100"], "multiple of 32"),
+        (["--repeat", "0"], "--repeat >= 1"),
     ],
 )
 def test_bad_arguments_are_refused_before_seeding(
