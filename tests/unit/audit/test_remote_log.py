@@ -39,8 +39,10 @@ class _Gated:
         self.release.set()
         self.failing = False
         self.sizes: list[int] = []
+        self.called_at: list[float] = []
 
     async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
+        self.called_at.append(asyncio.get_running_loop().time())
         await self.release.wait()
         if self.failing:
             raise OSError("disk full")
@@ -221,8 +223,10 @@ async def test_the_server_gathers_for_its_window_and_no_longer(
     audit_log: TransparencyLog, socket_path: str, kit: type
 ) -> None:
     """With ``max_delay``, batches arriving within the window after the first share its
-    transaction; a lone batch on an idle server waits the window out, not more."""
-    window = 0.2
+    transaction; the server hands the batch to the log once the window is out, not a
+    second window later. Measured up to the log's append, so a slow disk's commit on a
+    loaded machine does not count as gathering."""
+    window = 0.5
     gated = _Gated(audit_log)
     server = LogServer(gated, socket_path, max_delay=window)
     await server.start()
@@ -235,9 +239,9 @@ async def test_the_server_gathers_for_its_window_and_no_longer(
         await asyncio.gather(
             first, *(c.append([kit.make_entry(i)]) for i, c in enumerate(clients[1:], 1))
         )
-        took = loop.time() - started
         assert gated.sizes == [3]
-        assert window * 0.9 <= took < window * 3, took
+        gathered = gated.called_at[0] - started
+        assert window * 0.9 <= gathered < window * 2, gathered
         for client in clients:
             await client.close()
     finally:
