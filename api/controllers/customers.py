@@ -8,7 +8,10 @@ from uuid import UUID
 
 import msgspec
 from litestar import Controller, Request, get, patch, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, JSONBody, Parameter, QueryParameter
+from litestar.serialization import default_serializer
+from litestar.types import Receive, Scope, Send
 
 from api.auth import LOOKS_UP_ITS_KEY, require_team, team_credential
 from api.deps import VaultDep
@@ -138,6 +141,39 @@ class AudiencePage(msgspec.Struct):
     next_cursor: str | None
 
 
+class JSONReply:
+    """A 200 ``application/json`` reply, already encoded, as a plain ASGI app.
+
+    The gated read returns one instead of its ``StoryRead``: Litestar's generic
+    response path (a ``Response``, then an ``ASGIResponse`` with its header
+    container) cost 87,000 of the read's 1.55 million instructions (5.6 %,
+    ``python -m bench.instructions``), for the same two headers. The body is the
+    encoder's output for the same struct, with Litestar's own ``enc_hook``; the
+    security headers and the request id are added on the way out as for any reply
+    (``api.middleware``), and errors still raise into the exception handlers."""
+
+    __slots__ = ("body",)
+
+    encoder = msgspec.json.Encoder(enc_hook=default_serializer)
+
+    def __init__(self, value: Any) -> None:
+        self.body = self.encoder.encode(value)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.body
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class GatedReadController(Controller):
     """The gated read, apart so that it checks its team in the handler
     (``team_credential``): a Litestar guard copies the route handler per call."""
@@ -149,13 +185,14 @@ class GatedReadController(Controller):
         "/customers/{customer_id:str}/story",
         operation_id="readStory",
         opt={LOOKS_UP_ITS_KEY: True},  # the key's lookup joins the read's round trip
+        responses={200: ResponseSpec(StoryRead, description="Request fulfilled, document follows")},
     )
     async def story(
         self,
         request: Request[Principal | PresentedKey, Any, Any],
         customer_id: CustomerId,
         purpose: Purpose = None,
-    ) -> StoryRead:
+    ) -> JSONReply:
         # The service from the app's state rather than the ``vault`` dependency: a
         # handler without dependencies skips Litestar's resolving of them and their
         # clean-up stack on every call (the authentication middleware reads it so too).
@@ -175,13 +212,15 @@ class GatedReadController(Controller):
             ]
         # else: the story cache's JSON of the chapters, encoded by the same encoder
         # from the same fields as StoryChapter; msgspec writes a Raw value as it is.
-        return StoryRead(
-            customer_id=view.customer_id,
-            purpose=view.purpose,
-            profile=view.profile,
-            chapters=chapters,
-            withheld=[WithheldPart(**w) for w in view.withheld],
-            audit_index=view.audit_index,
+        return JSONReply(
+            StoryRead(
+                customer_id=view.customer_id,
+                purpose=view.purpose,
+                profile=view.profile,
+                chapters=chapters,
+                withheld=[WithheldPart(**w) for w in view.withheld],
+                audit_index=view.audit_index,
+            )
         )
 
     @get("/customers/{customer_id:str}/consents", operation_id="customerConsents")

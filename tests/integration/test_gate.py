@@ -15,11 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from litestar.serialization import encode_json
 from litestar.testing import AsyncTestClient
 from sqlalchemy import delete, func, select, text
 
 from api.app import create_app
+from api.controllers.customers import StoryRead
 from consent import Channel
 from governance.models import CUSTOMERS, ChapterRow
 from governance.service import StoryVault
@@ -1021,6 +1024,39 @@ async def test_cached_chapters_are_masked_and_sent_as_an_uncached_read_sends_the
         assert [c["body"] for c in body["chapters"]] == [{"subject": None}]
         assert body["profile"] == {"name": PROFILE["name"]}
     assert cache.hits == hits + 1  # the second read came from the cache, masked
+
+
+async def test_a_story_is_the_documented_json_with_the_api_headers(
+    client: AsyncTestClient[Any], org: Org
+) -> None:
+    """The gated read answers with its own light reply (api.controllers.customers.
+    JSONReply), filled and from the story cache alike: exactly the bytes Litestar's
+    encoder writes for the documented ``StoryRead``, its length, and the headers
+    every API reply carries."""
+    cid = await full_story(client, org)
+    for _ in range(2):  # the miss that fills the story cache, then the hit
+        resp = await read(client, org["support"], cid, "service.support")
+        assert resp.status_code == 200, resp.text
+        h = resp.headers
+        assert h["content-type"] == "application/json"
+        assert int(h["content-length"]) == len(resp.content)
+        assert re.fullmatch(r"[0-9a-f]{32}", h["x-request-id"])
+        assert h["cache-control"] == "no-store"
+        assert h["x-content-type-options"] == "nosniff"
+        assert h["content-security-policy"].startswith("default-src 'none'")
+        story = msgspec.json.decode(resp.content, type=StoryRead, strict=True)
+        assert encode_json(story) == resp.content
+        assert story.customer_id == cid
+        assert story.profile
+        assert story.chapters
+    doc = (await client.get("/schema/openapi.json")).json()
+    reply = doc["paths"]["/v1/customers/{customer_id}/story"]["get"]["responses"]["200"]
+    assert reply["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/StoryRead"
+    }
+    assert set(doc["components"]["schemas"]["StoryRead"]["properties"]) == set(
+        StoryRead.__struct_fields__
+    )
 
 
 async def test_a_cached_story_loses_the_values_of_a_key_destroyed_elsewhere(
