@@ -120,8 +120,9 @@ class KeyRing:
     signing: list[SigningKey]
     retired_keks: set[int] = field(default_factory=set)
     path: Path | None = None
-    _derived: dict[str, bytes] = field(default_factory=dict, repr=False)
-    _keyed: dict[str, crypto_hmac.HMAC] = field(default_factory=dict, repr=False)
+    # Caches of what the keys above determine: not part of a ring's value.
+    _derived: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    _keyed: dict[str, crypto_hmac.HMAC] = field(default_factory=dict, repr=False, compare=False)
 
     # --- construction -------------------------------------------------
     @classmethod

@@ -32,3 +32,7 @@ def test_pseudonyms_and_token_digests_are_hmacs_under_their_derived_keys() -> No
     assert ring.pseudonym(ids[0]) != ring.pseudonym(ids[1])
     # Another ring (another root key) gives other pseudonyms for the same customer.
     assert KeyRing.generate().pseudonym(ids[0]) != ring.pseudonym(ids[0])
+    # The same ring loaded afresh (a restart, another worker) gives the same digests.
+    again = KeyRing.from_json(ring.to_json())
+    assert again.pseudonym(ids[0]) == ring.pseudonym(ids[0])
+    assert again.token_digest(ids[1]) == ring.token_digest(ids[1])
