@@ -56,6 +56,25 @@ def per_request(total: int, requests: int) -> int:
     return round(total / requests)
 
 
+def tree_commit(tree: Path) -> str | None:
+    """The tree's commit (``git describe --always --dirty``: a "-dirty" suffix when
+    it holds changes not committed), so that a result names the build it measured;
+    None when the tree is not a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(tree), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except OSError:
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
 def ratios(figures: dict[str, int]) -> dict[str, float]:
     """(c)/(a) and (c)/(b) as ``make bench`` states them (requests per unit of work:
     the cheaper endpoint's count over the gated read's)."""
@@ -181,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             ]
             figures[endpoint] = round(statistics.median(runs[endpoint]))
             log(f"{tree.name}: {endpoint} {runs[endpoint]} instructions per request")
-        row: dict[str, Any] = {"tree": str(tree), "instructions_per_request": figures, "runs": runs}
+        row: dict[str, Any] = {
+            "tree": str(tree),
+            "commit": tree_commit(tree),
+            "instructions_per_request": figures,
+            "runs": runs,
+        }
         if set(ENDPOINT_NAMES) <= set(figures):
             r = row["ratios"] = ratios(figures)
             log(f"{tree.name}: (c)/(a) {r['c_over_a']}, (c)/(b) {r['c_over_b']}")

@@ -5,12 +5,13 @@ before it seeds anything."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 import bench.common
-from bench.instructions import counted, main, per_request, ratios
+from bench.instructions import counted, main, per_request, ratios, tree_commit
 
 
 def test_the_count_is_what_callgrind_collected() -> None:
@@ -33,6 +34,28 @@ def test_the_count_is_what_callgrind_collected() -> None:
 def test_ratios_are_requests_per_instruction_as_make_bench_states_them() -> None:
     got = ratios({"health": 550_000, "bare": 1_490_000, "gated": 1_600_000})
     assert got == {"c_over_a": 0.344, "c_over_b": 0.931}
+
+
+def test_a_result_names_the_commit_of_each_tree(tmp_path: Path) -> None:
+    """A tree's commit, marked dirty when it holds uncommitted changes (a variant
+    tried by hand), or None for a directory outside git."""
+    assert tree_commit(tmp_path) is None
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "app.py").write_text("x = 1\n")
+    git("add", "app.py")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "one")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert tree_commit(tmp_path) == head
+    (tmp_path / "app.py").write_text("x = 2\n")
+    assert tree_commit(tmp_path) == f"{head}-dirty"
 
 
 @pytest.mark.parametrize(
@@ -71,4 +94,5 @@ def test_a_small_run_counts_each_endpoint_under_valgrind(
     # policy, consent, story, masks, audit entry) well above the framework's floor.
     assert 100_000 < figures["health"] < figures["gated"] / 1.5
     assert build["runs"] == {"health": [figures["health"]], "gated": [figures["gated"]]}
+    assert build["commit"] == tree_commit(Path(build["tree"]))
     assert "valgrind" in result["valgrind"]
