@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -229,10 +228,7 @@ class KeyRing:
 
     def blind_index(self, email: str) -> str:
         """Keyed HMAC over the normalized address: lookups without plaintext at rest."""
-        digest = hmac.new(
-            self.derived("blind-index/v1"), normalize_email(email).encode(), hashlib.sha256
-        )
-        return digest.hexdigest()
+        return self._hmac("blind-index/v1", normalize_email(email).encode()).hex()
 
     def _hmac(self, purpose: str, message: bytes) -> bytes:
         """HMAC-SHA256 under the derived key of ``purpose``, from a context keyed once

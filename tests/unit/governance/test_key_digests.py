@@ -1,6 +1,7 @@
-"""The key ring's keyed digests: pseudonyms (logs, ledger, audit entries) and token
-digests (API keys, sessions) are HMAC-SHA256 under their HKDF-derived keys, as an
-independent verifier holding the root key recomputes them."""
+"""The key ring's keyed digests: pseudonyms (logs, ledger, audit entries), token
+digests (API keys, sessions) and blind indexes (e-mail lookups) are HMAC-SHA256
+under their HKDF-derived keys, as an independent verifier holding the root key
+recomputes them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import hmac
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from governance.keys import KeyRing
+from governance.keys import KeyRing, normalize_email
 
 
 def _expected(root: bytes, purpose: str, message: str) -> bytes:
@@ -29,6 +30,10 @@ def test_pseudonyms_and_token_digests_are_hmacs_under_their_derived_keys() -> No
             want = "sp_" + _expected(ring.root, "pseudonym/v1", cid).hex()[:32]
             assert ring.pseudonym(cid) == want
             assert ring.token_digest(cid) == _expected(ring.root, "token/v1", cid).hex()
+    # Blind indexes of e-mail addresses: over the normalised address.
+    assert ring.blind_index(" Ann@Example.org ") == (
+        _expected(ring.root, "blind-index/v1", normalize_email(" Ann@Example.org ")).hex()
+    )
     assert ring.pseudonym(ids[0]) != ring.pseudonym(ids[1])
     # Another ring (another root key) gives other pseudonyms for the same customer.
     assert KeyRing.generate().pseudonym(ids[0]) != ring.pseudonym(ids[0])
