@@ -3,20 +3,26 @@ does not move.
 
     .venv/bin/python -m bench.instructions [--customers 300] [--requests 640]
                                            [--repeat 2] [--trees /path/to/A,/path/to/B]
+                                           [--backend sqlite|postgresql]
 
 On a shared host, CPU time per request moves 10-30 % between runs minutes apart,
 and more when a neighbour is busy; a change worth a few per cent cannot be told
 from that. Valgrind's callgrind counts the instructions the process executes (every
 thread: the audit commits' too), the same count for the same code and inputs
-whatever else the machine does. This seeds one SQLite database as ``make bench``
+whatever else the machine does. This seeds one database as ``make bench``
 does (fewer customers), then for each tree and each endpoint of ``bench.inprocess``
 (``/health``, the bare read, the gated read) runs that app in a process of its own
 under callgrind, on a fresh copy of the database: it warms the caches with
 counting off, turns counting on, drives ``--requests`` requests from 32 tasks at
 once, and turns it off. Instructions are not time (a cache miss or a system call
 costs more than its count), so this measures the app's own work, not the HTTP
-server's or the kernel's: see ``make bench`` for those. Results:
-bench/results/instructions.json.
+server's or the kernel's: see ``make bench`` for those.
+
+With ``--backend postgresql`` the database is on a PostgreSQL server this starts
+(as ``make bench`` does), outside valgrind, and each count runs on a copy of the
+seeded database (``CREATE DATABASE ... TEMPLATE``): the count is the app's side of
+each statement (the driver, the pool, the batch's arrays), not the server's.
+Results: bench/results/instructions.json (or instructions-postgresql.json).
 """
 
 from __future__ import annotations
@@ -108,15 +114,37 @@ async def _child(data_dir: Path, endpoint: str, requests: int) -> None:
             _toggle(False)
 
 
-def count(tree: Path, seeded: Path, endpoint: str, requests: int, work: Path) -> int:
+SEEDED_PG = "storyvault"
+"""The seeded PostgreSQL database (``bench.run.start_backend``'s), each count's template."""
+
+
+def count(
+    tree: Path, seeded: Path, endpoint: str, requests: int, work: Path, pg: Any = None
+) -> int:
     """Instructions per request of ``endpoint`` served by ``tree``'s code (this
-    harness, ``work/harness/bench``, drives it)."""
+    harness, ``work/harness/bench``, drives it), on a fresh copy of the seeded
+    database: a copy of the SQLite file, or with ``pg`` (a ``tests.pgserver``
+    server) a PostgreSQL database made from the seeded one."""
     data = Path(tempfile.mkdtemp(prefix=f"{endpoint}-", dir=work))
     shutil.rmtree(data)
     shutil.copytree(seeded, data)
     meta = json.loads((data / "meta.json").read_text())
-    meta["url"] = f"sqlite+aiosqlite:///{data / 'storyvault.db'}"
+    database = data.name.replace("-", "_").lower()
+    if pg is None:
+        meta["url"] = f"sqlite+aiosqlite:///{data / 'storyvault.db'}"
+    else:
+        pg.psql(f'CREATE DATABASE "{database}" TEMPLATE "{SEEDED_PG}"')
+        meta["url"] = pg.url(database)
     (data / "meta.json").write_text(json.dumps(meta))
+    try:
+        return _count_in(tree, data, endpoint, requests, work)
+    finally:
+        if pg is not None:
+            pg.psql(f'DROP DATABASE IF EXISTS "{database}"')
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _count_in(tree: Path, data: Path, endpoint: str, requests: int, work: Path) -> int:
     harness = work / "harness"
     if not harness.exists():
         harness.mkdir()
@@ -145,9 +173,7 @@ def count(tree: Path, seeded: Path, endpoint: str, requests: int, work: Path) ->
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{endpoint} under valgrind failed:\n{proc.stderr[-3000:]}")
-    total = per_request(counted(proc.stderr), requests)
-    shutil.rmtree(data)
-    return total
+    return per_request(counted(proc.stderr), requests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--trees", default=str(REPO), help="comma-separated source trees")
     parser.add_argument("--endpoints", default=",".join(ENDPOINT_NAMES))
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument(
         "--child", nargs=3, metavar=("DATA", "ENDPOINT", "N"), help=argparse.SUPPRESS
     )
@@ -186,36 +213,43 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sv-instructions-"))
     seeded = work / "seeded"
     seeded.mkdir()
-    url, _ = start_backend("sqlite", seeded)
-    ids, key = asyncio.run(seed(seeded, url, args.customers))
-    random.Random(5).shuffle(ids)  # as bench.inprocess reads them
-    (seeded / "meta.json").write_text(json.dumps({"ids": ids, "key": key, "url": url}))
+    url, pg = start_backend(args.backend, seeded)
     rows: list[dict[str, Any]] = []
-    for tree in trees:
-        figures: dict[str, int] = {}
-        runs: dict[str, list[int]] = {}
-        for endpoint in endpoints:
-            runs[endpoint] = [
-                count(tree, seeded, endpoint, args.requests, work) for _ in range(args.repeat)
-            ]
-            figures[endpoint] = round(statistics.median(runs[endpoint]))
-            log(f"{tree.name}: {endpoint} {runs[endpoint]} instructions per request")
-        row: dict[str, Any] = {
-            "tree": str(tree),
-            "commit": tree_commit(tree),
-            "instructions_per_request": figures,
-            "runs": runs,
-        }
-        if set(ENDPOINT_NAMES) <= set(figures):
-            r = row["ratios"] = ratios(figures)
-            log(f"{tree.name}: (c)/(a) {r['c_over_a']}, (c)/(b) {r['c_over_b']}")
-        rows.append(row)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        ids, key = asyncio.run(seed(seeded, url, args.customers))
+        random.Random(5).shuffle(ids)  # as bench.inprocess reads them
+        (seeded / "meta.json").write_text(json.dumps({"ids": ids, "key": key, "url": url}))
+        for tree in trees:
+            figures: dict[str, int] = {}
+            runs: dict[str, list[int]] = {}
+            for endpoint in endpoints:
+                runs[endpoint] = [
+                    count(tree, seeded, endpoint, args.requests, work, pg)
+                    for _ in range(args.repeat)
+                ]
+                figures[endpoint] = round(statistics.median(runs[endpoint]))
+                log(f"{tree.name}: {endpoint} {runs[endpoint]} instructions per request")
+            row: dict[str, Any] = {
+                "tree": str(tree),
+                "commit": tree_commit(tree),
+                "instructions_per_request": figures,
+                "runs": runs,
+            }
+            if set(ENDPOINT_NAMES) <= set(figures):
+                r = row["ratios"] = ratios(figures)
+                log(f"{tree.name}: (c)/(a) {r['c_over_a']}, (c)/(b) {r['c_over_b']}")
+            rows.append(row)
+    finally:
+        if pg is not None:
+            from tests.pgserver import stop_server
+
+            stop_server(pg)
+        shutil.rmtree(work, ignore_errors=True)
     path = write_result(
-        "instructions",
+        "instructions" if args.backend == "sqlite" else f"instructions-{args.backend}",
         {
             "command": " ".join(["python -m bench.instructions", *(argv or sys.argv[1:])]),
-            "backend": "sqlite",
+            "backend": args.backend,
             "customers": args.customers,
             "requests": args.requests,
             "concurrency": CONCURRENCY,

@@ -96,3 +96,23 @@ def test_a_small_run_counts_each_endpoint_under_valgrind(
     assert build["runs"] == {"health": [figures["health"]], "gated": [figures["gated"]]}
     assert build["commit"] == tree_commit(Path(build["tree"]))
     assert "valgrind" in result["valgrind"]
+
+
+def test_a_small_run_on_postgresql_counts_the_app_beside_its_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --backend postgresql the app runs against a PostgreSQL server this starts,
+    each count on its own copy of the seeded database; the result says so."""
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    args = ["--customers", "8", "--requests", "32", "--repeat", "2", "--endpoints", "gated"]
+    assert main([*args, "--backend", "postgresql"]) == 0
+    result = json.loads((tmp_path / "instructions-postgresql.json").read_text())
+    assert result["backend"] == "postgresql"
+    (build,) = result["builds"]
+    # The gated read's work in the app (key, policy, consent, story, masks, audit
+    # batch on the driver): more than twice what the framework alone does per request.
+    assert build["instructions_per_request"]["gated"] > 1_000_000
+    # Each gated count ran on a fresh copy: both runs read and audited the same way.
+    first, second = build["runs"]["gated"]
+    assert abs(first - second) < 0.1 * first
+    assert not (tmp_path / "instructions.json").exists()
