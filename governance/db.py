@@ -62,6 +62,44 @@ _PG_ACQUIRE_TIMEOUT = 30.0
 """Seconds to wait for a connection of the asyncpg pool, as SQLAlchemy's pool waits."""
 
 
+class _PgTake:
+    """``async with`` a connection of a ``Database``'s asyncpg pool.
+
+    asyncpg bounds an acquire's wait by arming a timer and a cancel scope on every
+    call, and again around the connection's reset on release, even when a
+    connection is free and nothing waits: measured, 10-15 µs of CPU a use (a gated
+    read takes one). The database counts the connections its callers hold or wait
+    for; while that is under the pool's size, a free one is in the pool (every
+    holder of an asyncpg pool is in its queue unless taken), and the acquire takes
+    it without waiting, so it goes unbounded. Otherwise it waits at most
+    ``_PG_ACQUIRE_TIMEOUT`` seconds, as before. A connection is counted from
+    before the acquire until its release has returned it to the pool."""
+
+    __slots__ = ("_ctx", "_db", "_pool")
+
+    def __init__(self, db: Database, pool: asyncpg.Pool) -> None:
+        self._db = db
+        self._pool = pool
+        self._ctx: Any = None
+
+    async def __aenter__(self) -> Any:
+        db = self._db
+        wait = None if db._pg_taken < db._pg_pool_size else _PG_ACQUIRE_TIMEOUT
+        db._pg_taken += 1
+        try:
+            self._ctx = ctx = self._pool.acquire(timeout=wait)
+            return await ctx.__aenter__()
+        except BaseException:
+            db._pg_taken -= 1
+            raise
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self._ctx.__aexit__(*exc_info)
+        finally:
+            self._db._pg_taken -= 1
+
+
 def run_steps(conn: Connection, steps: ReadSteps[T]) -> T:
     """Run ``steps`` on a synchronous connection (SQLite in place, or ``run_sync``)."""
     try:
@@ -245,6 +283,7 @@ class Database:
         # PostgreSQL: asyncpg connections of the hot reads' own (see ``query``).
         self._pg_pool_size = pool_size
         self._pg_pool: asyncpg.Pool | None = None
+        self._pg_taken = 0  # connections held or waited for (``_PgTake``)
         self._pg_pool_opening: asyncio.Lock | None = None if self.is_sqlite else asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -415,7 +454,7 @@ class Database:
         pool = self._pg_pool or await self._open_pg_pool()
         steps = make()
         try:
-            async with pool.acquire(timeout=_PG_ACQUIRE_TIMEOUT) as pg:
+            async with _PgTake(self, pool) as pg:
                 try:
                     step = next(steps)
                     while True:
@@ -441,7 +480,7 @@ class Database:
             raise ValueError("PostgreSQL only")
         pool = self._pg_pool or await self._open_pg_pool()
         try:
-            async with pool.acquire(timeout=_PG_ACQUIRE_TIMEOUT) as pg:
+            async with _PgTake(self, pool) as pg:
                 return await fn(pg)
         except _PG_CONNECTION_ERRORS as exc:
             # BEGIN, COMMIT, or taking or resetting the connection met a lost server
