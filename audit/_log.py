@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
-    DateTime,
     LargeBinary,
     Row,
     SmallInteger,
@@ -120,23 +120,10 @@ _NODES_BY_KEY = Prepared(
 
 
 def _batch_binds() -> list[BindParameter[Any]]:
-    """The parameters of a batch written over column arrays: an array per column of
-    the entries and of the nodes, then the tree head's values. Strings go as
-    VARCHAR without a length: a cast to the column's VARCHAR(n) would cut a longer
-    value short where the insert refuses it."""
-    arrays: list[tuple[str, TypeEngine[Any]]] = [
-        ("leaf_index", BigInteger()),
-        ("leaf", LargeBinary()),
-        ("leaf_hash", LargeBinary()),
-        ("kind", String()),
-        ("actor", String()),
-        ("subject", String()),
-        ("purpose", String()),
-        ("created_at", DateTime(timezone=False)),
-        ("level", SmallInteger()),
-        ("node_index", BigInteger()),
-        ("hash", LargeBinary()),
-    ]
+    """The parameters of a batch written from JSON: its entries' rows and its nodes'
+    rows, each one JSON array of objects (``_batch_params``), then the tree head's
+    values. Strings go as VARCHAR without a length: a cast to the column's
+    VARCHAR(n) would cut a longer value short where the insert refuses it."""
     head: list[tuple[str, TypeEngine[Any]]] = [
         ("tree_size", BigInteger()),
         ("root_hash", LargeBinary()),
@@ -144,22 +131,31 @@ def _batch_binds() -> list[BindParameter[Any]]:
         ("signature", LargeBinary()),
         ("key_id", String()),
     ]
-    return [bindparam(name, type_=ARRAY(t)) for name, t in arrays] + [
+    return [bindparam("entries", type_=String()), bindparam("nodes", type_=String())] + [
         bindparam(name, type_=t) for name, t in head
     ]
 
 
 # PostgreSQL only (``append_pg``): a batch's entries, nodes and tree head in one
-# statement over arrays, where one INSERT per row (even pipelined) cost the server
-# a parse-bind-execute cycle per row and the client an encoding per row.
+# statement, where one INSERT per row (even pipelined) cost the server a
+# parse-bind-execute cycle per row and the client an encoding per row. The rows come
+# as JSON (``_batch_params``): bytes in base64 (msgspec's encoding of bytes), the
+# timestamp in ISO 8601 without a zone. One JSON text per table, where a column
+# array per column (``unnest``) cost the driver a few thousand instructions per
+# value to tell an element from a sub-array (about 3 % of a gated read's).
 _WRITE_BATCH_PG = Prepared(
     text(
         "WITH e AS (INSERT INTO audit_entries"
         " (leaf_index, leaf, leaf_hash, kind, actor, subject, purpose, created_at)"
-        " SELECT * FROM unnest(:leaf_index, :leaf, :leaf_hash, :kind, :actor, :subject,"
-        " :purpose, :created_at)),"
+        " SELECT r.leaf_index, decode(r.leaf, 'base64'), decode(r.leaf_hash, 'base64'),"
+        " r.kind, r.actor, r.subject, r.purpose, r.created_at"
+        " FROM json_to_recordset(CAST(:entries AS json)) AS r(leaf_index bigint, leaf text,"
+        " leaf_hash text, kind text, actor text, subject text, purpose text,"
+        " created_at timestamp)),"
         " n AS (INSERT INTO audit_nodes (level, node_index, hash)"
-        " SELECT * FROM unnest(:level, :node_index, :hash))"
+        " SELECT r.level, r.node_index, decode(r.hash, 'base64')"
+        " FROM json_to_recordset(CAST(:nodes AS json)) AS r(level smallint,"
+        " node_index bigint, hash text))"
         " INSERT INTO audit_tree_heads (tree_size, root_hash, timestamp_ms, signature, key_id)"
         " VALUES (:tree_size, :root_hash, :timestamp_ms, :signature, :key_id)"
     ).bindparams(*_batch_binds())
@@ -181,10 +177,17 @@ _WRITE_BATCH_PG_ALONE = Prepared(
         " AND h.tree_size = (SELECT max(tree_size) FROM audit_tree_heads)),"
         " e AS (INSERT INTO audit_entries"
         " (leaf_index, leaf, leaf_hash, kind, actor, subject, purpose, created_at)"
-        " SELECT * FROM unnest(:leaf_index, :leaf, :leaf_hash, :kind, :actor, :subject,"
-        " :purpose, :created_at) WHERE EXISTS (SELECT 1 FROM g)),"
+        " SELECT r.leaf_index, decode(r.leaf, 'base64'), decode(r.leaf_hash, 'base64'),"
+        " r.kind, r.actor, r.subject, r.purpose, r.created_at"
+        " FROM json_to_recordset(CAST(:entries AS json)) AS r(leaf_index bigint, leaf text,"
+        " leaf_hash text, kind text, actor text, subject text, purpose text,"
+        " created_at timestamp)"
+        " WHERE EXISTS (SELECT 1 FROM g)),"
         " n AS (INSERT INTO audit_nodes (level, node_index, hash)"
-        " SELECT * FROM unnest(:level, :node_index, :hash) WHERE EXISTS (SELECT 1 FROM g))"
+        " SELECT r.level, r.node_index, decode(r.hash, 'base64')"
+        " FROM json_to_recordset(CAST(:nodes AS json)) AS r(level smallint,"
+        " node_index bigint, hash text)"
+        " WHERE EXISTS (SELECT 1 FROM g))"
         " INSERT INTO audit_tree_heads (tree_size, root_hash, timestamp_ms, signature, key_id)"
         " SELECT :tree_size, :root_hash, :timestamp_ms, :signature, :key_id"
         " WHERE EXISTS (SELECT 1 FROM g) RETURNING tree_size"
@@ -314,18 +317,18 @@ _Step = tuple[Any, ...]
 params), ("nodes", keys) or ("write", entry rows, node rows, tree head row)."""
 
 
-_ENTRY_COLUMNS = tuple(c.name for c in entries.c)
-_NODE_COLUMNS = tuple(c.name for c in nodes.c)
+_ROWS_JSON = msgspec.json.Encoder()
+"""Bytes as base64 and naive datetimes as ISO 8601 without a zone, as the statements read them."""
 
 
-def _batch_arrays(
+def _batch_params(
     entry_rows: list[dict[str, Any]], node_rows: list[dict[str, Any]], head: dict[str, Any]
 ) -> dict[str, Any]:
-    """``_WRITE_BATCH_PG``'s parameters: a column array per column of the rows."""
-    arrays: dict[str, Any] = {name: [r[name] for r in entry_rows] for name in _ENTRY_COLUMNS}
-    arrays.update((name, [r[name] for r in node_rows]) for name in _NODE_COLUMNS)
-    arrays.update(head)
-    return arrays
+    """``_WRITE_BATCH_PG``'s parameters: the rows of each table as one JSON text."""
+    params = dict(head)
+    params["entries"] = _ROWS_JSON.encode(entry_rows).decode()
+    params["nodes"] = _ROWS_JSON.encode(node_rows).decode()
+    return params
 
 
 async def _require_nodes_pg(
@@ -500,7 +503,7 @@ class TransparencyLog:
                 elif kind == "nodes":
                     result = await _require_nodes_pg(conn, step[1])
                 else:
-                    await _WRITE_BATCH_PG.execute_pg(conn, _batch_arrays(*step[1:]))
+                    await _WRITE_BATCH_PG.execute_pg(conn, _batch_params(*step[1:]))
                 step = steps.send(result)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
@@ -531,7 +534,7 @@ class TransparencyLog:
         size, root, edge_nodes, last_ms = memo
         edge = CompactRange(size, edge_nodes)
         entry_rows, node_rows, head_row, head = self._extend(edge, encoded, last_ms)
-        params = _batch_arrays(entry_rows, node_rows, head_row)
+        params = _batch_params(entry_rows, node_rows, head_row)
         params.update(k=self._lock_id, prev_size=size, prev_root=root)
         try:
             written = await _WRITE_BATCH_PG_ALONE.rows_pg(conn, params)

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from audit import (
@@ -339,6 +340,76 @@ async def test_asyncpg_appends_store_the_columns_the_filters_read(
     finally:
         await conn.close()
         await audit_engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_asyncpg_appends_store_every_value_exactly_as_sqlalchemy_does(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """The asyncpg paths send a batch's rows as JSON (bytes in base64): leaves with
+    quotes, backslashes, control characters and letters beyond ASCII, timestamps to
+    the microsecond, absent columns and the longest values a column takes are stored
+    byte for byte as ``append`` (SQLAlchemy) stores the same batch, and a value too
+    long for its column refuses the whole batch."""
+    awkward = [
+        msgspec.structs.replace(
+            kit.make_entry(i),
+            actor=actor,
+            subject=subject,
+            purpose=purpose,
+            detail={"note": note, "n": -(2**53) + 1 + i},
+            timestamp=kit.base_time + timedelta(seconds=i, microseconds=micro),
+        )
+        for i, (actor, subject, purpose, note, micro) in enumerate(
+            [
+                ('te"am\\', "Zoë 💡", None, "line\nbreak\ttab\u0001", 1),
+                ("a" * 128, "s" * 128, "p" * 128, "'; DROP TABLE audit_entries; --", 999_999),
+                ("日本", None, "marketing.email", "\u2028\u2029", 0),
+                ("base64+/=", "cust-=", "x", "", 500_000),
+            ]
+        )
+    ]
+
+    async def stored(engine: AsyncEngine) -> list[tuple[object, ...]]:
+        async with engine.connect() as conn:
+            rows = await conn.exec_driver_sql(
+                "SELECT leaf_index, leaf, leaf_hash, kind, actor, subject, purpose, created_at"
+                " FROM audit_entries ORDER BY leaf_index"
+            )
+            entry_rows = [tuple(r) for r in rows]
+            rows = await conn.exec_driver_sql(
+                "SELECT level, node_index, hash FROM audit_nodes ORDER BY level, node_index"
+            )
+            return entry_rows + [tuple(r) for r in rows]
+
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    try:
+        await TransparencyLog(engine, signing_key, kit.key_id).append(awkward)
+        expected = await stored(engine)
+        await kit.prepare_schema(engine)
+        log = TransparencyLog(engine, signing_key, kit.key_id)
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():  # the locked way (``append_pg``)
+                await log.append_pg(conn, awkward[:1])
+            async with conn.transaction():
+                await log.append_pg(conn, awkward[1:2])
+            assert log.may_go_alone
+            assert await log.append_pg_alone(conn, awkward[2:]) is not None  # the lone way
+            too_long = msgspec.structs.replace(kit.make_entry(9), actor="a" * 129)
+            with pytest.raises(DBAPIError):
+                await log.append_pg_alone(conn, [too_long])
+        finally:
+            await conn.close()
+        assert await stored(engine) == expected
+        assert [r[4] for r in expected[:4]] == [e.actor for e in awkward]
+        assert [r[7] for r in expected[:4]] == [e.timestamp.replace(tzinfo=None) for e in awkward]
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert report.entries_checked == 4
+        assert [(await log.get_entry(i)).entry for i in range(4)] == awkward
+    finally:
+        await engine.dispose()
 
 
 async def _pg_log(audit_pg_url: str, kit: type) -> tuple[AsyncEngine, str]:
