@@ -71,9 +71,10 @@ class _PgTake:
     read takes one). The database counts the connections its callers hold or wait
     for; while that is under the pool's size, a free one is in the pool (every
     holder of an asyncpg pool is in its queue unless taken), and the acquire takes
-    it without waiting, so it goes unbounded. Otherwise it waits at most
-    ``_PG_ACQUIRE_TIMEOUT`` seconds, as before. A connection is counted from
-    before the acquire until its release has returned it to the pool."""
+    it without waiting, so it goes unbounded (a connection that must be opened
+    first is opened within the pool's connect timeout, the same bound). Otherwise
+    it waits at most ``_PG_ACQUIRE_TIMEOUT`` seconds, as before. A connection is
+    counted from before the acquire until its release has returned it to the pool."""
 
     __slots__ = ("_ctx", "_db", "_pool")
 
@@ -511,6 +512,9 @@ class Database:
                         # As the SQLAlchemy pool: connections renewed every 5 minutes.
                         max_inactive_connection_lifetime=300,
                         reset=_keep_clean_session,
+                        # Opening a connection (on an acquire, ``_PgTake``) within the
+                        # same bound as waiting for one, not asyncpg's 60 s.
+                        timeout=_PG_ACQUIRE_TIMEOUT,
                     )
                 except _PG_CONNECTION_ERRORS as exc:
                     raise OperationalError("connect", None, exc) from exc
