@@ -122,8 +122,9 @@ _NODES_BY_KEY = Prepared(
 def _batch_binds() -> list[BindParameter[Any]]:
     """The parameters of a batch written from JSON: its entries' rows and its nodes'
     rows, each one JSON array of objects (``_batch_params``), then the tree head's
-    values. Strings go as VARCHAR without a length: a cast to the column's
-    VARCHAR(n) would cut a longer value short where the insert refuses it."""
+    values. Strings are read as ``text`` and the key id goes as VARCHAR without a
+    length: a cast to the column's VARCHAR(n) would cut a longer value short where
+    the insert refuses it."""
     head: list[tuple[str, TypeEngine[Any]]] = [
         ("tree_size", BigInteger()),
         ("root_hash", LargeBinary()),

@@ -21,7 +21,7 @@ server's or the kernel's: see ``make bench`` for those.
 With ``--backend postgresql`` the database is on a PostgreSQL server this starts
 (as ``make bench`` does), outside valgrind, and each count runs on a copy of the
 seeded database (``CREATE DATABASE ... TEMPLATE``): the count is the app's side of
-each statement (the driver, the pool, the batch's arrays), not the server's.
+each statement (the driver, the pool, the audit batch's parameters), not the server's.
 Results: bench/results/instructions.json (or instructions-postgresql.json).
 """
 
@@ -114,17 +114,14 @@ async def _child(data_dir: Path, endpoint: str, requests: int) -> None:
             _toggle(False)
 
 
-SEEDED_PG = "storyvault"
-"""The seeded PostgreSQL database (``bench.run.start_backend``'s), each count's template."""
-
-
 def count(
     tree: Path, seeded: Path, endpoint: str, requests: int, work: Path, pg: Any = None
 ) -> int:
     """Instructions per request of ``endpoint`` served by ``tree``'s code (this
     harness, ``work/harness/bench``, drives it), on a fresh copy of the seeded
     database: a copy of the SQLite file, or with ``pg`` (a ``tests.pgserver``
-    server) a PostgreSQL database made from the seeded one."""
+    server) a PostgreSQL database made from the seeded one (named in the seeded
+    ``meta.json``'s URL)."""
     data = Path(tempfile.mkdtemp(prefix=f"{endpoint}-", dir=work))
     shutil.rmtree(data)
     shutil.copytree(seeded, data)
@@ -133,7 +130,8 @@ def count(
     if pg is None:
         meta["url"] = f"sqlite+aiosqlite:///{data / 'storyvault.db'}"
     else:
-        pg.psql(f'CREATE DATABASE "{database}" TEMPLATE "{SEEDED_PG}"')
+        template = meta["url"].rsplit("/", 1)[1]
+        pg.psql(f'CREATE DATABASE "{database}" TEMPLATE "{template}"')
         meta["url"] = pg.url(database)
     (data / "meta.json").write_text(json.dumps(meta))
     try:
