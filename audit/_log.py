@@ -15,12 +15,16 @@ database see one total order of leaves:
 The tree size is the largest signed ``tree_size``: a batch's leaves, nodes and tree
 head commit together, so the newest head always covers every stored leaf.
 
-On PostgreSQL a writer that is likely alone (``append_pg_alone``) sends the whole
-append as one statement, its own transaction: it takes the same lock, checks that
-the newest tree head is the one this object last wrote, and writes. Its snapshot
-predates the lock, so a batch another process committed meanwhile is caught by the
-leaves' primary key instead; either way nothing is written and the caller appends
-as above. A locked append never fails because of one.
+On PostgreSQL a writer may send the whole append as one statement, its own
+transaction (``append_pg_alone``): it takes the same lock, checks that the newest
+tree head is the one the writer extends, and writes. The writer extends the right
+edge it last left, or one it has just read without the lock (``refresh_pg``) when
+another process appends too; the lock is then held only while the server runs
+that statement and commits, never across a round trip to the writer. The
+statement's snapshot predates the lock, so a batch another process committed
+meanwhile is caught by the leaves' primary key instead; either way nothing is
+written and the writer tries again or appends as above. A locked append never
+fails because of one.
 """
 
 from __future__ import annotations
@@ -200,6 +204,20 @@ _WRITE_BATCH_PG_ALONE = Prepared(
     )
 )
 
+# PostgreSQL only (``refresh_pg``): the newest tree head and the perfect subtrees of
+# its right edge (one per bit of its size), in one statement and so one snapshot.
+_STATE_PG = Prepared(
+    text(
+        "SELECT h.tree_size, h.root_hash, h.timestamp_ms, e.level, e.hash"
+        " FROM (SELECT tree_size, root_hash, timestamp_ms FROM audit_tree_heads"
+        " ORDER BY tree_size DESC LIMIT 1) AS h"
+        " LEFT JOIN LATERAL (SELECT n.level, n.hash FROM generate_series(0, 62) AS b(level)"
+        " JOIN audit_nodes AS n ON n.level = b.level"
+        " AND n.node_index = (h.tree_size >> b.level) - 1"
+        " WHERE (h.tree_size >> b.level) & 1 = 1) AS e ON true"
+    )
+)
+
 # SQLite: the same over a JSON array of [level, node_index] pairs, one primary-key
 # lookup per pair (an append that finds another instance's batch before it reads
 # the log's right edge this way: about 30 µs for a dozen subtrees, where an OR
@@ -251,7 +269,9 @@ class AppendResult:
     tree_head: SignedTreeHead
     way: str = ""
     """How the transaction was written, where a caller chose among ways (PostgreSQL:
-    ``alone``, ``locked``, or ``refused_locked`` when going alone was refused)."""
+    ``alone`` or ``locked``)."""
+    refused: int = 0
+    """Lone statements (``append_pg_alone``) that wrote nothing before this one."""
 
     @property
     def indexes(self) -> range:
@@ -391,8 +411,9 @@ class TransparencyLog:
         # for a later one of the same size.
         # Its timestamp too: the next head's may not be older.
         self._edge_memo: tuple[int, bytes, dict[int, bytes], int] | None = None
-        # Whether the last append found the log as this object had left it (or went
-        # alone): the condition for trying ``append_pg_alone``.
+        # Whether the memo is believed to be the log's newest state: the last append
+        # went alone, or found under the lock the log as this object had left it,
+        # or ``refresh_pg`` has just read it. The condition for ``append_pg_alone``.
         self._memo_current = False
         self._dialect = dialect
         self._signing_key = signing_key
@@ -415,7 +436,9 @@ class TransparencyLog:
     @property
     def may_go_alone(self) -> bool:
         """Whether ``append_pg_alone`` would try: this object's last append went alone,
-        or found under the lock the log as this object had left it."""
+        or found under the lock the log as this object had left it, or
+        ``refresh_pg`` has read the log's newest state since (and the log is not
+        empty)."""
         return self._edge_memo is not None and self._memo_current
 
     # -- writing ---------------------------------------------------------------
@@ -516,13 +539,15 @@ class TransparencyLog:
         any transaction: one round trip, where ``append_pg`` in a transaction takes
         five (BEGIN, the lock, the newest tree head, the rows, COMMIT).
 
-        It extends the log's right edge as this object last left it, so it is tried
-        only while that is likely current: after this object's previous append went
-        this way, or found under the lock that nothing else had appended since its
-        own. The statement takes the log's lock and writes only if the newest tree
-        head is still that one. Otherwise it writes nothing and this returns None:
-        the caller then appends with ``append_pg`` in a transaction, as it does
-        (without a round trip spent) whenever this returns None at once.
+        It extends the log's right edge as this object last left it or last read it
+        (``refresh_pg``), so it is tried only while that is likely current: after
+        this object's previous append went this way, or found under the lock that
+        nothing else had appended since its own, or after ``refresh_pg``. The
+        statement takes the log's lock and writes only if the newest tree head is
+        still that one. Otherwise it writes nothing and this returns None: the
+        caller then reads the log's state again (``refresh_pg``) and retries, or
+        appends with ``append_pg`` in a transaction, as it does (without a round
+        trip spent) whenever this returns None at once.
         """
         if self._dialect != "postgresql":
             raise ValueError("append_pg_alone is for a log on PostgreSQL")
@@ -550,6 +575,33 @@ class TransparencyLog:
             return None
         self._edge_memo = (head.tree_size, head.root_hash, edge.edge(), head.timestamp_ms)
         return AppendResult(size, head)
+
+    async def refresh_pg(self, conn: Any) -> bool:
+        """Read, in one statement on an asyncpg connection and without the log's lock,
+        the newest tree head and the perfect subtrees of its right edge, and make
+        them what the next ``append_pg_alone`` extends. For a writer that shares the
+        log with other processes: its lone statement then extends their latest
+        batch instead of going under the lock for five round trips. Returns whether
+        the log was as this object had left it (nothing else appended since).
+        Raises LogStateConflict if the stored tree lacks subtree hashes it should
+        have. On an empty log there is nothing to extend alone: ``may_go_alone``
+        becomes false."""
+        if self._dialect != "postgresql":
+            raise ValueError("refresh_pg is for a log on PostgreSQL")
+        rows = await _STATE_PG.rows_pg(conn)
+        if not rows:
+            self._edge_memo = None
+            self._memo_current = False
+            return False
+        size, root, last_ms = rows[0][0], bytes(rows[0][1]), rows[0][2]
+        edge = {level: bytes(h) for *_, level, h in rows if level is not None}
+        if len(edge) != size.bit_count():
+            raise LogStateConflict("the stored tree lacks subtree hashes it should have")
+        memo = self._edge_memo
+        unchanged = memo is not None and memo[0] == size and memo[1] == root
+        self._edge_memo = (size, root, edge, last_ms)
+        self._memo_current = True
+        return unchanged
 
     def _extend(
         self, edge: CompactRange, batch: list[EncodedEntry], last_ms: int

@@ -58,6 +58,7 @@ class _Reply(msgspec.Struct, array_like=True, frozen=True):
     key_id: str = ""
     error: str | None = None
     way: str = ""
+    refused: int = 0
 
 
 _REQUEST = msgspec.msgpack.Encoder()
@@ -160,7 +161,7 @@ class RemoteLog:
         head = SignedTreeHead(
             reply.tree_size, reply.root_hash, reply.timestamp_ms, reply.signature, reply.key_id
         )
-        return AppendResult(reply.first_index, head, reply.way)
+        return AppendResult(reply.first_index, head, reply.way, reply.refused)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -314,6 +315,7 @@ class LogServer:
                             head.signature,
                             head.key_id,
                             way=result.way,
+                            refused=result.refused,
                         )
                     )
                 first += len(entries)

@@ -4,8 +4,15 @@ On PostgreSQL (``PgBatchLog``) the batch's statements run on an asyncpg
 connection directly: through SQLAlchemy's async engine each statement cost a pool
 checkout's share, an execution context and a greenlet hand-off, several times the
 statement itself. While this process is the log's only writer a batch is one
-statement in one round trip (``TransparencyLog.append_pg_alone``); otherwise it
-runs in a transaction under the log's lock (``append_pg``).
+statement in one round trip (``TransparencyLog.append_pg_alone``). While other
+processes append too, the batch extends the log's newest state read just before
+without the lock (``TransparencyLog.refresh_pg``): two round trips, and the lock
+held only while the server runs the statement and commits, where a transaction
+under the lock (``append_pg``) holds it across five round trips to this
+process, each of which waits for this event loop's turn. A batch whose lone
+statements were refused a few times running (other writers' batches landed
+between its read and its statement) goes under the lock, which always
+succeeds.
 
 On SQLite (``InlineSqliteLog``) every
 statement through aiosqlite, or every batch through a worker thread, costs a
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from sqlalchemy.engine import Connection
 
@@ -38,6 +46,9 @@ _LOCKED = AUDIT_BATCH_WAYS.labels(way="locked")
 _REFUSED = AUDIT_BATCH_WAYS.labels(way="alone_refused")
 
 __all__ = ["InlineSqliteLog", "PgBatchLog", "RelayedLog"]
+
+_ALONE_TRIES = 3
+"""Lone statements a batch tries before it goes under the log's lock."""
 
 _BACKOFF = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
 """Pauses between in-place attempts while another process writes (31.5 ms in all)."""
@@ -76,23 +87,41 @@ class PgBatchLog:
     def __init__(self, log: TransparencyLog, db: Database) -> None:
         self._log = log
         self._db = db
+        # Whether other processes append too: then each batch first reads the log's
+        # newest state. Set by a refused lone statement; cleared when a read finds
+        # that nothing else appended since this process's last batch.
+        self._shared = False
 
     async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
         encoded = [EncodedEntry.of(e) for e in batch]
-        # One round trip while this process is the log's only writer; under the lock
-        # in a transaction (five) when another appended since, or went first.
         log = self._log
-        refused = False
-        if log.may_go_alone:
-            done = await self._db.pg_connection(lambda conn: log.append_pg_alone(conn, encoded))
-            if done is not None:
+        refused = 0
+        for _ in range(_ALONE_TRIES):
+            done = await self._db.pg_connection(lambda conn: self._alone(conn, encoded))
+            if isinstance(done, AppendResult):
                 _ALONE.inc()
-                return replace(done, way="alone")
+                return replace(done, way="alone", refused=refused)
+            if not done:
+                break  # an empty log: nothing to extend alone, nothing was sent
             _REFUSED.inc()
-            refused = True
+            refused += 1
+            self._shared = True
         result = await self._db.pg_transaction(lambda conn: log.append_pg(conn, encoded))
         _LOCKED.inc()
-        return replace(result, way="refused_locked" if refused else "locked")
+        return replace(result, way="locked", refused=refused)
+
+    async def _alone(self, conn: Any, encoded: list[EncodedEntry]) -> AppendResult | bool:
+        """One lone statement on ``conn``, after a read of the log's state when
+        other processes append too or this object has none to extend. Returns its
+        result, else whether a statement was sent (and refused); False when the
+        log is empty (nothing to extend alone)."""
+        log = self._log
+        if (self._shared or not log.may_go_alone) and await log.refresh_pg(conn):
+            self._shared = False
+        if not log.may_go_alone:
+            return False
+        done = await log.append_pg_alone(conn, encoded)
+        return True if done is None else done
 
 
 class RelayedLog:
@@ -106,12 +135,11 @@ class RelayedLog:
 
     async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
         result = await self._remote.append(batch)
-        way = result.way
-        if way == "alone":
+        if result.refused:
+            _REFUSED.inc(result.refused)
+        if result.way == "alone":
             _ALONE.inc()
-        elif way in {"locked", "refused_locked"}:
-            if way == "refused_locked":
-                _REFUSED.inc()
+        elif result.way == "locked":
             _LOCKED.inc()
         return result
 

@@ -64,10 +64,11 @@ AUDIT_BATCH_FAILURES = Counter(
 )
 AUDIT_BATCH_WAYS = Counter(
     "storyvault_audit_batches_total",
-    "Audit group commits on PostgreSQL by how they were written: alone (one statement, "
-    "while this worker is the log's only writer), locked (in a transaction under the "
-    "log's lock), alone_refused (a lone statement that found another writer's batch "
-    "and wrote nothing; the batch then went locked)",
+    "Audit group commits on PostgreSQL by how they were written: alone (one statement "
+    "that takes the log's lock itself, after a read of the log's state while other "
+    "writers append too), locked (in a transaction under the log's lock, after three "
+    "refusals), alone_refused (each lone statement that found another writer's batch "
+    "and wrote nothing; the batch then tried again)",
     ["way"],
 )
 SQLITE_COMMITS = Counter(

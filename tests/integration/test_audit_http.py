@@ -267,9 +267,11 @@ async def test_a_read_whose_audit_write_fails_discloses_nothing(
             raise ConnectionError("database went away")
 
         # The group commit appends on an asyncpg connection (PostgreSQL,
-        # append_pg) or, on SQLite, on the loop's own connection (append_sync);
-        # the async engine's append serves an in-memory database: break all three.
+        # append_pg_alone or append_pg) or, on SQLite, on the loop's own
+        # connection (append_sync); the async engine's append serves an in-memory
+        # database: break them all.
         monkeypatch.setattr(vault.audit_log, "append", broken)
+        monkeypatch.setattr(vault.audit_log, "append_pg_alone", broken)
         monkeypatch.setattr(vault.audit_log, "append_pg", broken)
         monkeypatch.setattr(vault.audit_log, "append_sync", broken_sync)
     resp = await client.get(READ.format(cid), headers=org["support"])

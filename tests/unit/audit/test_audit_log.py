@@ -480,6 +480,53 @@ async def test_a_lone_writer_appends_in_one_statement_and_builds_the_same_tree(
 
 
 @pytest.mark.postgres
+async def test_writers_taking_turns_extend_the_state_they_read_in_one_statement_each(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """Two log objects (two processes) appending in turn. Each reads the log's newest
+    state without the lock (``refresh_pg``: one statement) and extends it with one
+    lone statement outside any transaction, so the lock is never held across a
+    round trip. ``refresh_pg`` tells whether the other appended since; on an
+    empty log there is nothing to extend alone. Every leaf is stored once, in one
+    order whose tree is the one a full recomputation gives, and verifies."""
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    conns = [await asyncpg.connect(dsn), await asyncpg.connect(dsn)]
+    try:
+        logs = [TransparencyLog(engine, signing_key, kit.key_id) for _ in range(2)]
+        assert await logs[0].refresh_pg(conns[0]) is False
+        assert not logs[0].may_go_alone  # an empty log
+        assert await logs[0].append_pg_alone(conns[0], [kit.make_entry(0)]) is None
+        assert await _stored_size(conns[0]) == (0, 0)
+        async with conns[0].transaction():
+            await logs[0].append_pg(conns[0], [kit.make_entry(0), kit.make_entry(1)])
+        hashes = [leaf_hash(_leaf(kit, i)) for i in range(2)]
+        w = 0
+        for turn, size in enumerate([1, 3, 2, 5, 8, 1, 4, 7]):
+            w = (turn + 1) % 2
+            # The other appended since this one's last batch (or this one has none).
+            assert await logs[w].refresh_pg(conns[w]) is False
+            assert logs[w].may_go_alone
+            start = len(hashes)
+            batch = [kit.make_entry(start + i) for i in range(size)]
+            result = await logs[w].append_pg_alone(conns[w], batch)
+            assert result is not None
+            assert not conns[w].is_in_transaction()
+            assert result.indexes == range(start, start + size)
+            hashes.extend(leaf_hash(_leaf(kit, start + i)) for i in range(size))
+            assert result.tree_head.root_hash == merkle_tree_hash(hashes)
+            assert await _stored_size(conns[w]) == (len(hashes), turn + 2)
+        # Nothing else appended since the last writer's batch: it reads its own state.
+        assert await logs[w].refresh_pg(conns[w]) is True
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert (report.entries_checked, report.tree_heads_checked) == (len(hashes), 9)
+    finally:
+        for c in conns:
+            await c.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
 async def test_a_writer_that_is_not_alone_writes_nothing_and_appends_under_the_lock(
     audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
 ) -> None:
