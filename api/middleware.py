@@ -17,7 +17,7 @@ import structlog
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from governance.logs import RequestFields, end_request_fields, start_request_fields
+from governance.logs import RequestFields, end_request_fields, request_log, start_request_fields
 
 __all__ = ["RequestLogMiddleware", "request_id", "security_headers"]
 
@@ -27,8 +27,6 @@ def request_id() -> str | None:
     value = structlog.contextvars.get_contextvars().get("request_id")
     return str(value) if value else None
 
-
-log = structlog.get_logger("storyvault.request")
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -98,7 +96,7 @@ def _write_line(
         )
         for name, value in fields.items():  # the decision's, after the request's own
             event.setdefault(name, value)
-        log.info("http.request", **event)
+        request_log().info("http.request", **event)
 
 
 # The API docs page (Scalar) loads its script and stylesheet from jsDelivr and

@@ -120,6 +120,22 @@ def _dumps(event: Any, **_: Any) -> str:
     return _ENCODER.encode(event).decode()
 
 
+_REQUEST_LOGGER = "storyvault.request"
+
+
+class _Bound:
+    """Loggers bound once per ``configure_logging``."""
+
+    request: Any = structlog.get_logger(_REQUEST_LOGGER)
+
+
+def request_log() -> Any:
+    """The logger of the request lines (one per request): bound once per
+    ``configure_logging``, where structlog's lazy logger binds a new one (and a new
+    output logger) on every call."""
+    return _Bound.request
+
+
 def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     structlog.configure(
@@ -135,6 +151,7 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    _Bound.request = structlog.get_logger(_REQUEST_LOGGER).bind()
     # Libraries that use stdlib logging (uvicorn, SQLAlchemy, casbin) go through
     # the same JSON shape; their access logs are off: our middleware logs requests.
     handler = logging.StreamHandler(out)
