@@ -8,8 +8,8 @@ statement in one round trip (``TransparencyLog.append_pg_alone``). While other
 processes append too, the batch extends the log's newest state read just before
 without the lock (``TransparencyLog.refresh_pg``): two round trips, and the lock
 held only while the server runs the statement and commits, where a transaction
-under the lock (``append_pg``) holds it across five round trips to this
-process, each of which waits for this event loop's turn. A batch whose lone
+under the lock (``append_pg``, five round trips) holds it across four of them,
+each of which waits for this event loop's turn. A batch whose lone
 statements were refused a few times running (other writers' batches landed
 between its read and its statement) goes under the lock, which always
 succeeds.
