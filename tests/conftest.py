@@ -271,6 +271,21 @@ def admin() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
+async def log_every_statement(db: Any) -> list[str]:
+    """Open every connection ``db``'s PostgreSQL pool may hand out; return the list
+    that every statement run on them from now on is added to."""
+    await db.pg_connection(lambda conn: conn.fetchval("SELECT 1"))
+    pool = db._pg_pool
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    logged: list[str] = []
+    for conn in held:
+        conn.add_query_logger(lambda record: logged.append(record.query))
+    for conn in held:
+        await pool.release(conn)
+    logged.clear()
+    return logged
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # In CI nothing may skip: PostgreSQL and browser tests must run.
     if os.environ.get("CI"):

@@ -12,6 +12,7 @@ import pytest
 
 from audit import AppendResult, AuditEntry, EntryKind, verify_log
 from governance.settings import Settings
+from tests.conftest import log_every_statement
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
 
@@ -27,21 +28,6 @@ def _entries(start: int, n: int) -> list[AuditEntry]:
         )
         for i in range(start, start + n)
     ]
-
-
-async def _statements_of(vault: Any) -> list[str]:
-    """Open every connection ``vault``'s pool may hand out; return the list every
-    statement run on them from now on is added to."""
-    await vault.db.pg_connection(lambda conn: conn.fetchval("SELECT 1"))
-    pool = vault.db._pg_pool
-    held = [await pool.acquire() for _ in range(pool.get_max_size())]
-    logged: list[str] = []
-    for conn in held:
-        conn.add_query_logger(lambda record: logged.append(record.query))
-    for conn in held:
-        await pool.release(conn)
-    logged.clear()
-    return logged
 
 
 async def test_instances_taking_turns_append_each_batch_alone(
@@ -71,7 +57,7 @@ async def test_instances_taking_turns_append_each_batch_alone(
 
         # The other stops appending: once a read finds the log as this instance
         # left it, its batches are one statement again, without the read.
-        logged = await _statements_of(direct)
+        logged = await log_every_statement(direct.db)
         result = results[-1]
         for _ in range(3):
             result = await logs[0].append(_entries(n, 2))

@@ -10,25 +10,13 @@ import asyncpg
 import pytest
 from sqlalchemy.exc import DBAPIError
 
+from tests.conftest import log_every_statement
+
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
 
 
-async def _log_every_query(direct: Any) -> list[str]:
-    """Open every connection the pool may hand out and log what each one runs."""
-    assert await direct.db.query(lambda: direct.teams.authenticate("svk_warm")) is None
-    pool = direct.db._pg_pool
-    held = [await pool.acquire() for _ in range(pool.get_max_size())]
-    logged: list[str] = []
-    for conn in held:
-        conn.add_query_logger(lambda record: logged.append(record.query))
-    for conn in held:
-        await pool.release(conn)
-    logged.clear()
-    return logged
-
-
 async def test_a_hot_read_is_one_round_trip_and_release_adds_none(direct: Any) -> None:
-    logged = await _log_every_query(direct)
+    logged = await log_every_statement(direct.db)
     for _ in range(3):
         assert await direct.db.query(lambda: direct.teams.authenticate("svk_unknown")) is None
     assert len(logged) == 3, logged
@@ -37,7 +25,7 @@ async def test_a_hot_read_is_one_round_trip_and_release_adds_none(direct: Any) -
 
 
 async def test_a_failed_transaction_leaves_the_connection_clean(direct: Any) -> None:
-    logged = await _log_every_query(direct)
+    logged = await log_every_statement(direct.db)
 
     async def fails(conn: asyncpg.Connection) -> None:
         await conn.execute("CREATE TEMP TABLE scratch (n int) ON COMMIT DROP")
