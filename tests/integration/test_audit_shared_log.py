@@ -1,7 +1,8 @@
 """Two instances appending to one PostgreSQL audit log: each batch is a lone statement
 that extends the newest state the instance has just read, so the log's lock is held
 only while the server runs that statement and commits, never across a round trip
-to an instance (where a transaction under the lock held it across five)."""
+to an instance (where a transaction under the lock held it across four of its
+five)."""
 
 from __future__ import annotations
 
