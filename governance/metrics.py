@@ -37,6 +37,7 @@ __all__ = [
     "AUDIT_BATCH_WAYS",
     "CONSENT_EVENTS",
     "DECISIONS",
+    "SQLITE_CHECKPOINT_HOLD",
     "SQLITE_COMMITS",
     "MeasuredBatchLog",
     "count_decisions",
@@ -77,6 +78,13 @@ SQLITE_COMMITS = Counter(
     "they ran: in_place (on the loop, while commits average under a millisecond) or "
     "thread (in a worker thread, on a slower disk)",
     ["where"],
+)
+SQLITE_CHECKPOINT_HOLD = Histogram(
+    "storyvault_sqlite_checkpoint_hold_seconds",
+    "How long the SQLite checkpointer held this process's writers back, each time, to "
+    "copy the last of the write-ahead log so that it starts over (every request waiting "
+    "on the audit group commit waits this out)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
 CONSENT_EVENTS = Counter(
     "storyvault_consent_events_total", "Consent ledger events recorded", ["event_type"]
