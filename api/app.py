@@ -45,6 +45,10 @@ from policies import PolicyError
 
 __all__ = ["create_app"]
 
+_YOUNG_THRESHOLD = 7_000
+"""Net new container objects that trigger a collection of the youngest generation in
+a serving process (see ``create_app``'s lifespan)."""
+
 
 def create_app(
     settings: Settings | None = None, *, migrate: bool = True, freeze_heap: bool = False
@@ -63,9 +67,18 @@ def create_app(
             # before, a pause every request in flight had to wait out.
             gc.collect()
             gc.freeze()
+            # The young generation is collected once 7,000 more container objects
+            # live than at the last collection (700 by default), where a gated read
+            # makes hundreds. Measured (bench.instructions, SQLite): -1.1 % of the
+            # gated read's instructions, /health unchanged; 50,000 saved 0.3 %
+            # more, with each collection walking that many objects.
+            threshold = gc.get_threshold()
+            gc.set_threshold(_YOUNG_THRESHOLD, *threshold[1:])
         try:
             yield
         finally:
+            if freeze_heap:
+                gc.set_threshold(*threshold)
             await vault.stop()
 
     async def provide_vault() -> StoryVault:
