@@ -570,7 +570,7 @@ class Database:
         (``write_lock``), and it copies only what the last of those was too slow
         for. Every request waiting on the audit group commit waits a hold out:
         when the held pass followed the bulk at once, holds at half load (1 worker
-        and the audit process, 5,000 customers) lasted up to 30 ms, the held pass
+        and the audit process, 5,000 customers) lasted up to 29 ms, the held pass
         copying what a 5-20 ms bulk pass let through, and the slowest reads
         gathered around them. ``storyvault_sqlite_checkpoint_hold_seconds``
         measures the holds.
