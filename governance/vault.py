@@ -310,6 +310,11 @@ class CacheHit:
     chapter_categories: tuple[str, ...]
 
 
+_SHARDS = 16
+"""Shards of the story cache, each with its own key and its own moment of replacing
+it (see ``StoryCache``)."""
+
+
 class StoryCache:
     """Recently read stories, opened and sealed again under a key of this process.
 
@@ -323,10 +328,14 @@ class StoryCache:
 
     A cached read decrypts one value (the story, AES-256-GCM under the cache's
     key, its associated data binding it to customer, categories and version)
-    instead of one per field and chapter. The cache's key lives in this process
-    only and is replaced every ``key_lifetime`` seconds; an entry sealed under a
-    key older than the one before is unusable and dropped, so nothing in the
-    cache can be opened longer than about two lifetimes after it was written.
+    instead of one per field and chapter. The cache's keys live in this process
+    only. Customers fall into ``_SHARDS`` shards (by the hash of their id), each
+    with a key of its own, replaced every ``key_lifetime`` seconds; an entry
+    sealed under a key older than the one before is unusable and dropped, so
+    nothing in the cache can be opened longer than two lifetimes after it was
+    written. The shards' replacements are staggered evenly over a lifetime:
+    stories cached at once (a warm-up) then expire in ``_SHARDS`` small waves,
+    not in one, in which every read would go to the database and decrypt.
     ``Vault`` sets the lifetime to half the data-key cache's TTL: the story
     cache exposes no value for longer than that cache may hold its key. The
     read still asks the key store whether every data key the entry's values
@@ -352,21 +361,36 @@ class StoryCache:
         self._clock = clock
         self._rows = 0
         self._entries: OrderedDict[_CacheKey, _CacheEntry] = OrderedDict()
-        self._keys: dict[int, AESGCM] = {}
-        self._now: int | None = None
+        # Each shard's keys by generation, and the step (a lifetime / _SHARDS) at
+        # which the generations were last brought up to date.
+        self._keys: list[dict[int, AESGCM]] = [{} for _ in range(_SHARDS)]
+        self._step: int | None = None
         self.hits = 0
         self.misses = 0
 
-    def _current(self) -> tuple[int, AESGCM]:
-        """The current generation and its key. When the generation has moved on, a
-        new key is made and keys older than the previous generation are forgotten
-        (checked on every use, as the data-key cache checks its expiry)."""
-        now = int(self._clock() // self._lifetime)
-        if now != self._now:
-            self._keys = {g: k for g, k in self._keys.items() if g >= now - 1}
-            self._keys[now] = AESGCM(AESGCM.generate_key(bit_length=256))
-            self._now = now
-        return now, self._keys[now]
+    def _generation(self, shard: int, now: float) -> int:
+        return int((now + shard * self._lifetime / _SHARDS) // self._lifetime)
+
+    def _current(self, shard: int) -> tuple[int, AESGCM]:
+        """The shard's current generation and its key. Whenever some shard's
+        generation may have moved on (every ``_SHARDS``-th of a lifetime), every
+        shard whose has gets a new key and forgets those older than the previous
+        generation (checked on every use, as the data-key cache checks its expiry)."""
+        now = self._clock()
+        step = int(now // (self._lifetime / _SHARDS))
+        if step != self._step:
+            for s, keys in enumerate(self._keys):
+                generation = self._generation(s, now)
+                if generation not in keys:
+                    self._keys[s] = {g: k for g, k in keys.items() if g >= generation - 1}
+                    self._keys[s][generation] = AESGCM(AESGCM.generate_key(bit_length=256))
+            self._step = step
+        generation = self._generation(shard, now)
+        keys = self._keys[shard]
+        if generation not in keys:  # a step's boundary and a generation's a hair apart
+            keys = self._keys[shard] = {g: k for g, k in keys.items() if g >= generation - 1}
+            keys[generation] = AESGCM(AESGCM.generate_key(bit_length=256))
+        return generation, keys[generation]
 
     @staticmethod
     def _aad(customer_id: str, categories: tuple[str, ...] | None, version: int) -> bytes:
@@ -384,8 +408,9 @@ class StoryCache:
             self.misses += 1
             return None
         _, generation, sealed, dek_ids, _, chapter_categories = entry
-        self._current()
-        aead = self._keys.get(generation)
+        shard = hash(customer_id) % _SHARDS
+        self._current(shard)
+        aead = self._keys[shard].get(generation)
         if aead is None:
             self._remove(key)
             self.misses += 1
@@ -414,7 +439,7 @@ class StoryCache:
         rows = len(story.profile) + len(story.chapters)
         if rows > self._max_rows:
             return
-        generation, aead = self._current()
+        generation, aead = self._current(hash(customer_id) % _SHARDS)
         nonce = os.urandom(12)
         sealed = nonce + aead.encrypt(
             nonce, _encode_opened(story), self._aad(customer_id, categories, version)

@@ -1135,3 +1135,31 @@ async def test_destroying_keys_drops_the_cached_stories_they_opened(
     assert len(cache) == 1
     assert cache.get(cid, None, 1) is None
     assert cache.get(other, None, 1) is not None
+
+
+async def test_a_read_caches_a_customers_data_keys_for_one_lifetime_within_the_ttl(
+    client: AsyncTestClient[Any], org: Org, direct: StoryVault
+) -> None:
+    """The keys one read loads from the key store stay cached for one lifetime: the
+    TTL less a random part of up to a fifth of it. So they expire together (the
+    next read loads them in one query), no key outlives the TTL, and the keys of
+    customers read at about the same moment (a warm-up) do not all expire at once."""
+    customers = [await full_story(client, org) for _ in range(3)]
+    cache = direct.keys._cache
+    assert cache is not None
+    assert len(cache) == 0  # this instance has read nothing yet
+    before = time.monotonic()
+    per_customer: list[set[float]] = []
+    for cid in customers:
+        held = set(cache)
+        loaded = await direct.db.query(lambda c=cid: direct.vault.cached_story(c, 1, None))
+        story = await direct.vault.open_loaded("active", loaded)
+        assert story.chapters
+        new = set(cache) - held
+        assert len(new) >= 5  # a key per category written
+        per_customer.append({cache._entries[k][0] for k in new})
+    after = time.monotonic()
+    assert all(len(expiries) == 1 for expiries in per_customer)
+    expiries = [e for (e,) in per_customer]
+    assert len(set(expiries)) == 3
+    assert all(before + 0.8 * cache.ttl <= e <= after + cache.ttl for e in expiries)

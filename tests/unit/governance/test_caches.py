@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 from datetime import UTC, datetime
 
@@ -29,7 +30,7 @@ def raw_key() -> bytes:
 
 def test_key_cache_forgets_keys_after_their_ttl() -> None:
     clock = Clock()
-    cache = KeyCache(10, 60.0, clock)
+    cache = KeyCache(10, 60.0, clock, draw=lambda: 0.0)  # the longest lifetime: the TTL
     key = raw_key()
     cache.put("k1", key)
     clock.now += 59.9
@@ -37,6 +38,48 @@ def test_key_cache_forgets_keys_after_their_ttl() -> None:
     clock.now += 0.2
     assert cache.get("k1") is None
     assert len(cache) == 0
+
+
+def test_key_cache_spreads_the_expiry_of_keys_loaded_at_once_within_the_ttl() -> None:
+    """A warm-up loads every customer's keys within seconds: had they one lifetime,
+    they would all expire together, and every read for a while after would go to
+    the key store at once. Each load's keys get the TTL less up to a fifth of it,
+    at random; none outlives the TTL (erasure's guarantee counts on it), and the
+    keys one load brought expire together (the next read loads them in one query)."""
+    clock = Clock()
+    cache = KeyCache(100_000, 100.0, clock)
+    for customer in range(1000):
+        assert 80.0 < cache.lifetime() <= 100.0
+        expires = cache.expiry()
+        for scope in range(3):
+            cache.put(f"c{customer}-s{scope}", raw_key(), expires)
+    ids = list(cache)
+    clock.now += 79.9
+    assert cache.missing(ids) == []
+    left = []
+    for _ in range(4):  # in steps of 5 s, up to the TTL
+        clock.now += 5.0
+        gone = cache.missing(ids)
+        left.append(len(ids) - len(gone))
+        # The keys of one load go together: whole customers' keys, three each.
+        assert len(gone) == 3 * len({g.split("-")[0] for g in gone})
+    # Roughly a quarter of the loads expire in each 5 s: no step takes them all.
+    expected = [2250, 1500, 750, 0]
+    for got, want in zip(left, expected, strict=True):
+        assert abs(got - want) <= 300
+    clock.now += 0.2  # past the TTL: all gone
+    assert cache.missing(ids) == ids
+    assert len(cache) == 0
+
+
+def test_key_cache_never_keeps_a_key_past_its_ttl() -> None:
+    clock = Clock()
+    cache = KeyCache(10, 60.0, clock)
+    cache.put("k1", raw_key(), expires=clock.now + 600.0)  # asked for more: the TTL bounds it
+    clock.now += 60.1
+    assert cache.get("k1") is None
+    with pytest.raises(ValueError, match="spread"):
+        KeyCache(10, 60.0, spread=1.0)
 
 
 def test_key_cache_names_the_keys_it_lacks_expired_ones_too() -> None:
@@ -175,11 +218,39 @@ def test_story_cache_forgets_its_keys_within_two_lifetimes() -> None:
     cache.put("c2", None, 1, story("ch2"))
     clock.now += 10.0  # the entry's key is now two generations old: gone
     assert cache.get("c1", None, 1) is None
-    assert len(cache._keys) == 2  # only this generation's and the one before
+    # In every shard only this generation's key and the one before are left.
+    assert [len(keys) for keys in cache._keys] == [2] * len(cache._keys)
     assert cache.get("c2", None, 1) is not None
     clock.now += 25.0
     assert cache.get("c2", None, 1) is None
     assert (len(cache), cache.rows) == (0, 0)
+
+
+def test_story_cache_lets_stories_cached_at_once_expire_in_small_waves() -> None:
+    """A warm-up caches every customer's story within seconds. Had the cache one key,
+    they would all become unusable at the same moment, and every read for a while
+    after would go to the database and decrypt every value. Each shard of customers
+    replaces its key at its own moment, so they go a sixteenth at a time; each entry
+    still lasts more than one lifetime and at most two."""
+    clock = Clock()
+    cache = StoryCache(100_000, key_lifetime=16.0, clock=clock)
+    customers = [f"c{i}" for i in range(320)]
+    start = clock.now = 1003.5
+    for cid in customers:
+        cache.put(cid, None, 1, story(f"chapter of {cid}"))
+
+    def usable() -> int:
+        return sum(1 for cid in customers if cache.get(cid, None, 1) is not None)
+
+    counts = []
+    while clock.now < start + 33.0:
+        clock.now += 0.5
+        counts.append((clock.now - start, usable()))
+    assert all(n == 320 for t, n in counts if t <= 16.0)  # more than one lifetime
+    assert all(n == 0 for t, n in counts if t >= 32.0)  # at most two
+    drops = [a[1] - b[1] for a, b in itertools.pairwise(counts)]
+    assert max(drops) <= 320 // 4  # no half-second loses more than a quarter
+    assert sum(1 for d in drops if d > 0) >= 8  # they go in many waves
 
 
 def test_story_cache_drops_what_destroyed_keys_sealed() -> None:
