@@ -1034,7 +1034,9 @@ def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str])
         f"Data set: {cfg['customers']} customers x (5 profile fields + 20 chapters; 12 "
         f"categories), consent granted for `{PURPOSE}`; team `{TEAM}` may read all 12 "
         "categories for it (phone `partial`, birthday `year_only`), so the gated read "
-        "decrypts and discloses the whole story (~25 values) and appends a durable audit entry.",
+        "decrypts and discloses the whole story (~25 values) and appends a durable audit "
+        "entry. The seeded data is on disk before the servers start (on PostgreSQL a "
+        "`CHECKPOINT` after seeding; SQLite's seeding copies its log into the file).",
         "",
         f"Load: `wrk -t1 -c{cfg['connections']} -d{cfg['duration']}s`, "
         f"{cfg.get('rounds', 1)} rounds per point: a server's endpoints take turns round "
