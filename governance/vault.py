@@ -379,18 +379,23 @@ class StoryCache:
         now = self._clock()
         step = int(now // (self._lifetime / _SHARDS))
         if step != self._step:
-            for s, keys in enumerate(self._keys):
-                generation = self._generation(s, now)
-                if generation not in keys:
-                    self._keys[s] = {g: k for g, k in keys.items() if g >= generation - 1}
-                    self._keys[s][generation] = AESGCM(AESGCM.generate_key(bit_length=256))
+            for other in range(_SHARDS):
+                self._key(other, self._generation(other, now))
             self._step = step
+        # Again for this shard: a step's boundary and its generation's may fall a
+        # rounding error apart.
         generation = self._generation(shard, now)
+        return generation, self._key(shard, generation)
+
+    def _key(self, shard: int, generation: int) -> AESGCM:
+        """The shard's key of ``generation``, made (and older ones than the one before
+        it forgotten) if it is new."""
         keys = self._keys[shard]
-        if generation not in keys:  # a step's boundary and a generation's a hair apart
+        key = keys.get(generation)
+        if key is None:
             keys = self._keys[shard] = {g: k for g, k in keys.items() if g >= generation - 1}
-            keys[generation] = AESGCM(AESGCM.generate_key(bit_length=256))
-        return generation, keys[generation]
+            key = keys[generation] = AESGCM(AESGCM.generate_key(bit_length=256))
+        return key
 
     @staticmethod
     def _aad(customer_id: str, categories: tuple[str, ...] | None, version: int) -> bytes:
