@@ -42,9 +42,9 @@ class KeyCache:
     keys loaded at once, as a warm-up or a restart loads every customer's, then do
     not all expire at once. Measured before (``make bench-soak``): every key of
     5,000 customers expired within the same few seconds, every read in them went
-    to the key store, and that minute's p99 was 4 times the others'. The TTL stays
-    the bound that erasure's guarantee counts on (how long an instance may use a
-    key destroyed through another).
+    to the key store, and that minute's p99 was 63.7 ms, against 13.5-50.3 ms in
+    the minutes without misses. The TTL stays the bound that erasure's guarantee
+    counts on (how long an instance may use a key destroyed through another).
 
     Oldest first out: insertion order is expiry order to within ``spread`` of the
     TTL, so a key expired behind one that is not yet is dropped when it is looked
