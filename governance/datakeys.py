@@ -122,8 +122,8 @@ class KeyCache:
         entries[dek_id] = (until, key)
         # Expired ones first (they are the oldest), then the oldest over the bound.
         while entries:
-            oldest_id, (expires, _) = next(iter(entries.items()))
-            if expires > now and len(entries) <= self._size:
+            oldest_id, (oldest_until, _) = next(iter(entries.items()))
+            if oldest_until > now and len(entries) <= self._size:
                 break
             del entries[oldest_id]
 
