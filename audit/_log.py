@@ -110,12 +110,16 @@ _INSERT_ENTRIES = Prepared(insert(entries), [c.name for c in entries.c])
 _INSERT_NODES = Prepared(insert(nodes), [c.name for c in nodes.c])
 _INSERT_HEAD = Prepared(insert(tree_heads), [c.name for c in tree_heads.c])
 # PostgreSQL only (``append_pg``): the stored hashes of the given subtrees, in one
-# statement over two arrays instead of one OR term per subtree.
+# statement over two arrays instead of one OR term per subtree. Each subtree is one
+# primary-key lookup (a LATERAL subquery with LIMIT 1) whatever the table's
+# statistics say: as a plain join, the plan made while the nodes table was small
+# or not yet analyzed (a new database, the first minute after a bulk load) was a
+# hash join over a scan of the whole table, and a prepared statement keeps its plan.
 _NODES_BY_KEY = Prepared(
     text(
-        "SELECT n.level, n.node_index, n.hash FROM audit_nodes AS n"
-        " JOIN unnest(:levels, :indexes) AS k(level, node_index)"
-        " ON n.level = k.level AND n.node_index = k.node_index"
+        "SELECT k.level, k.node_index, n.hash FROM unnest(:levels, :indexes)"
+        " AS k(level, node_index) CROSS JOIN LATERAL (SELECT n.hash FROM audit_nodes AS n"
+        " WHERE n.level = k.level AND n.node_index = k.node_index LIMIT 1) AS n"
     ).bindparams(
         bindparam("levels", type_=ARRAY(SmallInteger)),
         bindparam("indexes", type_=ARRAY(BigInteger)),
@@ -206,15 +210,21 @@ _WRITE_BATCH_PG_ALONE = Prepared(
 
 # PostgreSQL only (``refresh_pg``): the newest tree head and the perfect subtrees of
 # its right edge (one per bit of its size), in one statement and so one snapshot.
+# The levels are chosen first (the bits of the size; OFFSET 0 keeps the planner from
+# folding that choice into the join and checking it after each lookup), then each
+# subtree is one primary-key lookup, as in ``_NODES_BY_KEY``. As one join, the plan
+# was a scan of the whole nodes table while it was small or not yet analyzed, and
+# otherwise a lookup for each of the 63 levels.
 _STATE_PG = Prepared(
     text(
         "SELECT h.tree_size, h.root_hash, h.timestamp_ms, e.level, e.hash"
         " FROM (SELECT tree_size, root_hash, timestamp_ms FROM audit_tree_heads"
         " ORDER BY tree_size DESC LIMIT 1) AS h"
-        " LEFT JOIN LATERAL (SELECT n.level, n.hash FROM generate_series(0, 62) AS b(level)"
-        " JOIN audit_nodes AS n ON n.level = b.level"
-        " AND n.node_index = (h.tree_size >> b.level) - 1"
-        " WHERE (h.tree_size >> b.level) & 1 = 1) AS e ON true"
+        " LEFT JOIN LATERAL (SELECT b.level, n.hash"
+        " FROM (SELECT g.level FROM generate_series(0, 62) AS g(level)"
+        " WHERE (h.tree_size >> g.level) & 1 = 1 OFFSET 0) AS b"
+        " CROSS JOIN LATERAL (SELECT n.hash FROM audit_nodes AS n WHERE n.level = b.level"
+        " AND n.node_index = (h.tree_size >> b.level) - 1 LIMIT 1) AS n) AS e ON true"
     )
 )
 

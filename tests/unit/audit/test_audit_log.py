@@ -6,6 +6,7 @@ import asyncio
 import random
 from datetime import timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -709,4 +710,62 @@ async def test_a_lone_append_finds_the_newest_head_without_reading_every_head(
         assert "audit_tree_heads_pkey" in plan, plan
     finally:
         await conn.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_reading_the_right_edge_looks_up_only_its_subtrees_before_any_analyze(
+    audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """A writer that shares the log reads its right edge before each lone append
+    (``refresh_pg``), and a locked append that finds another's batch reads it too
+    (``append_pg``). Both must look up just the edge's subtrees (one per bit of the
+    log's size), one primary-key lookup each, planned generically and on a log whose
+    tables were never analyzed (a new database, or the first minute after a bulk
+    load): a plan that scans the nodes table costs more with every entry the log has
+    ever had, and one that tries all 63 levels costs 63 lookups per read."""
+    engine, dsn = await _pg_log(audit_pg_url, kit)
+    conns = [await asyncpg.connect(dsn), await asyncpg.connect(dsn)]
+    try:
+        logs = [TransparencyLog(engine, signing_key, kit.key_id) for _ in range(2)]
+        for start in range(0, 3000, 500):
+            async with conns[1].transaction():
+                await logs[1].append_pg(conns[1], [kit.make_entry(start + i) for i in range(500)])
+        edge = bin(3000).count("1")  # perfect subtrees on the right edge of 3,000 leaves
+
+        async def nodes_read(call: Any) -> tuple[int, int, int]:
+            """(scans of the nodes table, lookups in its index, rows they found) by ``call``:
+            the connection's counts not yet reported, read before and after it in one
+            transaction (they are reported only between transactions)."""
+            counts = (
+                "SELECT seq_scan, idx_scan, idx_tup_fetch FROM pg_stat_xact_user_tables"
+                " WHERE relname = 'audit_nodes'"
+            )
+            async with conns[0].transaction():
+                before = await conns[0].fetchrow(counts)
+                await call()
+                after = await conns[0].fetchrow(counts)
+            return after[0] - before[0], after[1] - before[1], after[2] - before[2]
+
+        await conns[0].execute("SET plan_cache_mode = force_generic_plan")
+        never_analyzed = "SELECT reltuples < 0 FROM pg_class WHERE relname = 'audit_nodes'"
+        assert await conns[0].fetchval(never_analyzed)
+        for _ in range(6):  # past the few runs a prepared statement is planned for its values
+            assert await nodes_read(lambda: logs[0].refresh_pg(conns[0])) == (0, edge, edge)
+        assert logs[0].may_go_alone
+        # Each time the other writer appends first, a locked append reads the new edge.
+        for n in range(6):
+            size = 3001 + 2 * n
+            async with conns[1].transaction():
+                await logs[1].append_pg(conns[1], [kit.make_entry(size - 1)])
+
+            async def locked(size: int = size) -> None:
+                await logs[0].append_pg(conns[0], [kit.make_entry(size)])
+
+            assert await nodes_read(locked) == (0, bin(size).count("1"), bin(size).count("1"))
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+    finally:
+        for c in conns:
+            await c.close()
         await engine.dispose()
