@@ -37,6 +37,7 @@ from bench.run import (
     lua_script,
     measure,
     seed,
+    settle,
     start_backend,
     start_server,
     storyvault_env,
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         ids, key = asyncio.run(seed(data_dir, url, args.customers))
+        settle(pg, url)
         random.Random(5).shuffle(ids)
         for n in range(args.rounds):
             for tree in trees:

@@ -34,7 +34,7 @@ import uvloop
 
 from bench import run
 from bench.common import base_settings, write_result
-from bench.run import log, seed, start_backend
+from bench.run import log, seed, settle, start_backend
 
 # make bench's endpoints, as ASGI wants them: (path template, query string).
 ENDPOINTS: dict[str, tuple[str, bytes]] = {
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     url, pg = start_backend(args.backend, data_dir)
     try:
         ids, key = asyncio.run(seed(data_dir, url, args.customers))
+        settle(pg, url)
         random.Random(5).shuffle(ids)
         # uvloop, as uvicorn runs the app in a worker
         with open(os.devnull, "w") as logs:

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"{tool} is needed (Debian's valgrind package)")
 
     from bench.common import write_result
-    from bench.run import log, seed, start_backend
+    from bench.run import log, seed, settle, start_backend
 
     work = Path(tempfile.mkdtemp(prefix="sv-instructions-"))
     seeded = work / "seeded"
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         ids, key = asyncio.run(seed(seeded, url, args.customers))
+        settle(pg, url)
         random.Random(5).shuffle(ids)  # as bench.inprocess reads them
         (seeded / "meta.json").write_text(json.dumps({"ids": ids, "key": key, "url": url}))
         for tree in trees:

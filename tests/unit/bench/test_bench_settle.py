@@ -1,5 +1,7 @@
-"""bench.run.settle: the seeded data is on disk before anything is measured, so no
-write-back of the seed runs beside the measured reads' audit commits."""
+"""bench.run.settle: before anything is measured, the seeded database is as a running
+service's would be: on disk, and on PostgreSQL vacuumed and with statistics, so that
+no write-back of the seed, no first pass of autovacuum and no plan made for tables
+of unknown size run beside the measured reads."""
 
 from __future__ import annotations
 
@@ -8,25 +10,44 @@ from pathlib import Path
 from bench.run import seed, settle
 from tests.pgserver import PgServer
 
+_SEEDED = ("customers", "chapters", "data_keys", "consent_state", "audit_entries", "audit_nodes")
+
 
 def _requested_checkpoints(pg: PgServer) -> int:
     return int(pg.psql("SELECT checkpoints_req FROM pg_stat_bgwriter").strip())
 
 
-async def test_postgresql_is_checkpointed_after_seeding(pg: PgServer, tmp_path: Path) -> None:
+def _settled_tables(pg: PgServer, db: str) -> set[str]:
+    """The seeded tables vacuumed and analyzed since the seed, with their size known."""
+    names = ", ".join(f"'{t}'" for t in _SEEDED)
+    out = pg.psql(
+        "SELECT s.relname FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid"
+        f" WHERE s.relname IN ({names}) AND s.last_vacuum IS NOT NULL"
+        " AND s.last_analyze IS NOT NULL AND c.reltuples > 0",
+        db,
+    )
+    return set(out.split())
+
+
+async def test_postgresql_is_vacuumed_analyzed_and_checkpointed_after_seeding(
+    pg: PgServer, tmp_path: Path
+) -> None:
     url = pg.create_database("bench_settle")
     ids, _ = await seed(tmp_path, url, 12)
     assert len(ids) == 12
+    assert _settled_tables(pg, "bench_settle") == set()
     before = _requested_checkpoints(pg)
-    settle(pg)
+    settle(pg, url)
+    assert _settled_tables(pg, "bench_settle") == set(_SEEDED)
     assert _requested_checkpoints(pg) == before + 1
 
 
 async def test_sqlite_seeding_leaves_no_log_to_copy(tmp_path: Path) -> None:
     db = tmp_path / "storyvault.db"
-    ids, _ = await seed(tmp_path, f"sqlite+aiosqlite:///{db}", 12)
+    url = f"sqlite+aiosqlite:///{db}"
+    ids, _ = await seed(tmp_path, url, 12)
     assert len(ids) == 12
-    settle(None)  # nothing to do: closing the last connection copied the log
+    settle(None, url)  # nothing to do: closing the last connection copied the log
     wal = db.with_name(db.name + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0
     assert db.stat().st_size > 100_000
