@@ -257,6 +257,10 @@ def _restore_one(url: str, directory: Path, manifest: BackupManifest) -> None:
         ],
         env,
     )
+    # pg_restore brings no planner statistics: until autovacuum analyzes the restored
+    # tables, statements are planned for tables of unknown size (and prepared ones keep
+    # that plan). ANALYZE now, as PostgreSQL's documentation advises after a restore.
+    _run([_pg_bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", "ANALYZE", *args], env)
 
 
 async def _journal(url: str, settings: Settings) -> list[dict[str, Any]]:
