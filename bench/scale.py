@@ -6,7 +6,8 @@
 
 1. starts a PostgreSQL server (as the tests do) and seeds ``--real`` customers
    through the service layer exactly as ``make bench`` does (20 sealed chapters,
-   5 profile fields, a consent grant and its audit entry each);
+   5 profile fields, a consent grant and its audit entry each), then vacuums,
+   analyzes and checkpoints it as ``make bench`` does (``bench.run.settle``);
 2. starts ``storyvault serve`` (1 worker) and measures the gated read with wrk at
    full load over a fixed sample of those customers (after a warm-up over the
    same sample);
@@ -50,6 +51,7 @@ from bench.run import (
     machine_info,
     measure,
     seed,
+    settle,
     start_server,
     storyvault_env,
     warm_up,
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir.mkdir()
         log(f"seeding {args.real} customers through the service")
         ids, key = asyncio.run(seed(data_dir, url, args.real))
+        settle(pg, url)  # as make bench, and as the grown database is before its phase
         sample = random.Random(7).sample(ids, min(args.sample, len(ids)))
 
         def phase() -> dict[str, Any]:
