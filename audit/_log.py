@@ -181,9 +181,10 @@ _WRITE_BATCH_PG = Prepared(
 # and the rest of the batch only if that insert wrote its row: a leaf is stored only
 # with every leaf before it, so a free first leaf means that nothing has been
 # appended since, and a taken one writes nothing. That conflict used to be left to
-# the leaves' primary key, which refused the whole statement: an ERROR (and the
-# statement's text) in PostgreSQL's log and a rolled-back transaction for every
-# race between two writers, several a second under load (556 in 40 s with 2 workers).
+# the primary keys (the nodes' or the leaves'), which refused the whole statement:
+# an ERROR (and the statement's text) in PostgreSQL's log and a rolled-back
+# transaction for every race between two writers, several a second under load (556
+# in 40 s with 2 workers).
 _WRITE_BATCH_PG_ALONE = Prepared(
     text(
         "WITH l AS (SELECT pg_advisory_xact_lock(:k) AS locked),"

@@ -584,8 +584,9 @@ async def test_a_lone_append_racing_a_locked_one_gives_way_without_an_error(
     writes nothing and returns None, and the locked append it raced is never the
     one that fails. Losing the race is not an error on the server: two writers
     lose it several times a second under load, and each loss was an ERROR, with
-    the statement's text, in PostgreSQL's log (the leaves' primary key refused the
-    batch). The writer then reads the log's state and its batch goes alone."""
+    the statement's text, in PostgreSQL's log (a primary key, the nodes' or the
+    leaves', refused the batch). The writer then reads the log's state and its batch
+    goes alone."""
     url = pg.create_database("audit_race_" + uuid.uuid4().hex[:8])
     engine, dsn = await _pg_log(url, kit)
     conns = [await asyncpg.connect(dsn), await asyncpg.connect(dsn)]
