@@ -62,7 +62,7 @@ from audit._merkle import (
     verify_inclusion,
 )
 from audit._remote import LogServer, RemoteLog
-from audit._sql import Prepared
+from audit._sql import Batched, Prepared
 from audit._store import TABLE_NAMES, TABLES, entries, nodes, tree_heads
 from audit._tree_head import (
     SignedTreeHead,
@@ -86,6 +86,7 @@ __all__ = [
     "AuditUnavailable",
     "AuditWriter",
     "BatchLog",
+    "Batched",
     "CompactRange",
     "ConsistencyProof",
     "DetailValue",

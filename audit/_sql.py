@@ -32,7 +32,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["Prepared"]
+__all__ = ["Batched", "Prepared"]
 
 _SQLITE = SQLiteDialect_pysqlite()
 _PG = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
@@ -164,6 +164,61 @@ class Prepared:
             conn.execute(self.stmt, [dict(r) for r in rows])
             return
         self._run(conn, [self._args(r) for r in rows], many=True).close()
+
+
+class Batched:
+    """A lookup that answers exactly one row for each set of parameters (``one``, a
+    ``Prepared`` statement), with its form for many lookups at once on PostgreSQL
+    (``many``).
+
+    ``many`` takes each of ``one``'s parameters as an array, the lookups' values in
+    their order, and answers one row per lookup, its 1-based position in the arrays
+    (``WITH ORDINALITY``) first. ``Database.query`` sends the lookups that concurrent
+    reads make at the same time as one ``many`` statement there: measured, a lookup
+    sent on its own cost PostgreSQL about 150 µs of CPU and its client about 190,
+    against about 22 and 26 each in statements of 32. Everywhere else (SQLite) it
+    runs as ``one``. ``many`` is compiled for asyncpg only, when first used."""
+
+    __slots__ = ("_many", "many", "names", "one")
+
+    def __init__(self, one: Prepared, many: Executable) -> None:
+        self.one = one
+        self.many = many
+        self.names: tuple[str, ...] = one._names
+        self._many: _PgForm | None = None
+
+    def rows(
+        self, conn: Connection, params: Mapping[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """``one``'s rows (``Prepared.rows``)."""
+        return self.one.rows(conn, params)
+
+    async def rows_pg(
+        self, conn: Any, params: Mapping[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """``one``'s rows on an asyncpg connection (``Prepared.rows_pg``)."""
+        return await self.one.rows_pg(conn, params)
+
+    async def each_pg(
+        self, conn: Any, lookups: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[Any, ...]]:
+        """The row of each of ``lookups`` (in their order), in one ``many`` statement
+        on an asyncpg connection."""
+        form = self._many
+        if form is None:
+            form = self._many = _PgForm(self.many)
+        arrays = {name: [lookup[name] for lookup in lookups] for name in self.names}
+        found = await _pg_call(conn, form.sql, conn.fetch, form.sql, *form.args(arrays))
+        procs = form.result[1:]
+        answers: list[tuple[Any, ...] | None] = [None] * len(lookups)
+        for row in found:
+            answers[row[0] - 1] = tuple(
+                v if p is None or v is None else p(v)
+                for p, v in zip(procs, tuple(row)[1:], strict=True)
+            )
+        if len(found) != len(lookups) or None in answers:
+            raise ValueError("a batched lookup must answer exactly one row per lookup")
+        return answers  # type: ignore[return-value]
 
 
 async def _pg_call(conn: Any, sql: str, method: Any, *args: Any) -> Any:

@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from audit import Prepared
-from governance.metrics import SQLITE_CHECKPOINT_HOLD, SQLITE_COMMITS
+from audit import Batched, Prepared
+from governance.metrics import PG_LOOKUP_BATCH_SIZE, SQLITE_CHECKPOINT_HOLD, SQLITE_COMMITS
 
 __all__ = [
     "Database",
@@ -39,10 +39,11 @@ __all__ = [
 
 T = TypeVar("T")
 
-ReadStep: TypeAlias = "tuple[Prepared, Mapping[str, Any]] | Callable[[Connection], Any]"
-"""One statement of a read: a ``Prepared`` statement and its parameters (answered with
-its rows as tuples), or a synchronous function of a connection (answered with what it
-returns) for a statement ``Prepared`` cannot take (expanding ``IN`` parameters)."""
+ReadStep: TypeAlias = "tuple[Prepared | Batched, Mapping[str, Any]] | Callable[[Connection], Any]"
+"""One statement of a read: a ``Prepared`` (or ``Batched``) statement and its
+parameters (answered with its rows as tuples), or a synchronous function of a
+connection (answered with what it returns) for a statement ``Prepared`` cannot take
+(expanding ``IN`` parameters)."""
 
 ReadSteps: TypeAlias = "Generator[ReadStep, Any, T]"
 """A read written once for both back ends: a generator that yields its statements and
@@ -99,6 +100,95 @@ class _PgTake:
             await self._ctx.__aexit__(*exc_info)
         finally:
             self._db._pg_taken -= 1
+
+
+def _disconnect(exc: BaseException) -> BaseException:
+    """A lost server met outside a statement, as SQLAlchemy reports a disconnect."""
+    return DBAPIError.instance("(connection)", None, exc, Exception, connection_invalidated=True)
+
+
+class _Lookups:
+    """The lookups of one ``Batched`` statement that reads wait for at the same time,
+    sent to PostgreSQL as one statement (``Batched.each_pg``).
+
+    At most one such statement is in flight: the lookups that come while it is go
+    out together as the next one once it has answered, so a lookup waits at most
+    for the statement before its own, and under load each statement carries the
+    lookups of many reads. The statements are sent by a task of their own, never by
+    a read's own task, so a read that is cancelled (its client went away) takes no
+    other read's lookup with it.
+
+    If a statement of several lookups fails other than by a lost server, each of
+    them goes again on its own, so one lookup's error (a value PostgreSQL refuses)
+    is never another read's."""
+
+    __slots__ = ("_db", "_sender", "_stmt", "_waiting")
+
+    def __init__(self, db: Database, stmt: Batched) -> None:
+        self._db = db
+        self._stmt = stmt
+        self._waiting: list[tuple[Mapping[str, Any], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def lookup(self, params: Mapping[str, Any]) -> asyncio.Future[Any]:
+        """A future of the lookup's rows (a list of its one row)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((params, answer))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send())
+        return answer
+
+    async def _send(self) -> None:
+        batch: list[tuple[Mapping[str, Any], asyncio.Future[Any]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                batch = [(params, answer) for params, answer in batch if not answer.done()]
+                if batch:
+                    PG_LOOKUP_BATCH_SIZE.observe(len(batch))
+                    await self._answer(batch)
+        except BaseException as exc:  # cancelled (shutting down): nobody is left waiting
+            for _, answer in batch + self._waiting:
+                if answer.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    answer.cancel()
+                else:
+                    answer.set_exception(exc)
+            self._waiting = []
+            raise
+        finally:
+            self._sender = None
+
+    async def _answer(self, batch: list[tuple[Mapping[str, Any], asyncio.Future[Any]]]) -> None:
+        db = self._db
+        stmt = self._stmt
+        try:
+            async with _PgTake(db, db._pg_pool or await db._open_pg_pool()) as pg:
+                if len(batch) == 1:
+                    rows = [await stmt.rows_pg(pg, batch[0][0])]
+                else:
+                    rows = [[row] for row in await stmt.each_pg(pg, [p for p, _ in batch])]
+        except _PG_CONNECTION_ERRORS as exc:
+            failed: BaseException = _disconnect(exc)
+        except DBAPIError as exc:
+            if exc.connection_invalidated or len(batch) == 1:
+                failed = exc
+            else:
+                for one in batch:
+                    await self._answer([one])
+                return
+        except Exception as exc:  # noqa: BLE001 - handed to the reads that wait for it
+            failed = exc
+        else:
+            for (_, answer), found in zip(batch, rows, strict=True):
+                if not answer.done():
+                    answer.set_result(found)
+            return
+        for _, answer in batch:
+            if not answer.done():
+                answer.set_exception(failed)
 
 
 def run_steps(conn: Connection, steps: ReadSteps[T]) -> T:
@@ -304,6 +394,7 @@ class Database:
         self._pg_pool_size = pool_size
         self._pg_pool: asyncpg.Pool | None = None
         self._pg_taken = 0  # connections held or waited for (``_PgTake``)
+        self._pg_lookups: dict[Batched, _Lookups] = {}
         self._pg_pool_opening: asyncio.Lock | None = None if self.is_sqlite else asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -468,29 +559,48 @@ class Database:
         greenlet bridge cost several times the statements themselves. Such a
         connection is in autocommit, as ``read``'s are, so each statement sees what
         was committed when it started. A function step runs through ``read``.
+
+        A ``Batched`` first step goes with the same step of other reads waiting at
+        the same time, as one statement (``_Lookups``), and takes no connection of
+        its own; a connection is taken only for the steps after it, if any. Each
+        read's lookup is sent after the read asked for it, so it sees at least what
+        was committed before then, as a statement of its own would.
         """
         if self._pg_pool_opening is None:
             return await self.read(lambda conn: run_steps(conn, make()))
         pool = self._pg_pool or await self._open_pg_pool()
         steps = make()
+        take: _PgTake | None = None
+        pg: Any = None
         try:
-            async with _PgTake(self, pool) as pg:
-                try:
-                    step = next(steps)
-                    while True:
-                        if isinstance(step, tuple):
-                            result = await step[0].rows_pg(pg, step[1])
-                        else:
-                            result = await self.read(step)
-                        step = steps.send(result)
-                except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
+            try:
+                step = next(steps)
+                if isinstance(step, tuple) and isinstance(step[0], Batched):
+                    step = steps.send(await self._lookups_of(step[0]).lookup(step[1]))
+                while True:
+                    if isinstance(step, tuple):
+                        if pg is None:
+                            take = _PgTake(self, pool)
+                            pg = await take.__aenter__()
+                        result = await step[0].rows_pg(pg, step[1])
+                    else:
+                        result = await self.read(step)
+                    step = steps.send(result)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            finally:
+                if take is not None:
+                    await take.__aexit__(None, None, None)
         except _PG_CONNECTION_ERRORS as exc:
             # Taking a connection, or resetting it when it goes back, met a lost
             # server: a disconnect, as SQLAlchemy reports one (503 to a client).
-            raise DBAPIError.instance(
-                "(connection)", None, exc, Exception, connection_invalidated=True
-            ) from exc
+            raise _disconnect(exc) from exc
+
+    def _lookups_of(self, stmt: Batched) -> _Lookups:
+        lookups = self._pg_lookups.get(stmt)
+        if lookups is None:
+            lookups = self._pg_lookups[stmt] = _Lookups(self, stmt)
+        return lookups
 
     async def pg_connection(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """PostgreSQL: ``await fn(conn)`` on an asyncpg connection of ``query``'s pool,
@@ -505,9 +615,7 @@ class Database:
         except _PG_CONNECTION_ERRORS as exc:
             # BEGIN, COMMIT, or taking or resetting the connection met a lost server
             # (a statement's own error arrives wrapped already): a disconnect.
-            raise DBAPIError.instance(
-                "(connection)", None, exc, Exception, connection_invalidated=True
-            ) from exc
+            raise _disconnect(exc) from exc
 
     async def pg_transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """``pg_connection`` with ``fn`` in a transaction, committed if it returns."""

@@ -8,6 +8,8 @@ reason codes, event types and operation names only — never an id or a value.
   of the withholding (``no_policy``, ``no_consent``, ``erased``, …).
 - ``storyvault_audit_batch_size`` / ``storyvault_audit_batch_seconds``: entries per
   group commit and the commit's latency; ``storyvault_audit_batch_failures_total``.
+- ``storyvault_pg_lookup_batch_size``: on PostgreSQL, gated reads whose lookups went
+  to the server as one statement, per statement.
 - ``storyvault_consent_events_total{event_type}``: consent ledger events recorded.
 - ``storyvault_key_cache_hits_total`` / ``storyvault_key_cache_misses_total``: the
   unwrapped data-key cache of every live StoryVault in the process.
@@ -37,6 +39,7 @@ __all__ = [
     "AUDIT_BATCH_WAYS",
     "CONSENT_EVENTS",
     "DECISIONS",
+    "PG_LOOKUP_BATCH_SIZE",
     "SQLITE_CHECKPOINT_HOLD",
     "SQLITE_COMMITS",
     "MeasuredBatchLog",
@@ -78,6 +81,12 @@ SQLITE_COMMITS = Counter(
     "they ran: in_place (on the loop, while commits average under a millisecond) or "
     "thread (in a worker thread, on a slower disk)",
     ["where"],
+)
+PG_LOOKUP_BATCH_SIZE = Histogram(
+    "storyvault_pg_lookup_batch_size",
+    "PostgreSQL: gated reads whose key, customer and consent lookups went to the server "
+    "together, per statement (reads that wait for their lookups at the same time)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 SQLITE_CHECKPOINT_HOLD = Histogram(
     "storyvault_sqlite_checkpoint_hold_seconds",

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import re
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,13 @@ from consent import Channel
 from governance.models import CUSTOMERS, ChapterRow
 from governance.service import StoryVault
 from policies import RuleSpec
-from tests.conftest import ADMIN_KEY, make_settings, remember_personal, wait_for_policy
+from tests.conftest import (
+    ADMIN_KEY,
+    log_every_statement,
+    make_settings,
+    remember_personal,
+    wait_for_policy,
+)
 from tests.pgserver import PgServer
 
 Headers = dict[str, str]
@@ -908,6 +915,73 @@ async def test_policy_change_reaches_another_instance_within_a_second(
 
 
 # --- the story cache across instances ------------------------------------------------
+
+
+async def test_reads_made_at_once_each_get_their_own_answer(
+    client: AsyncTestClient[Any], org: Org, direct: StoryVault, backend: str
+) -> None:
+    """Reads that look up their key, customer and consent standing at the same time
+    each get exactly the answer they get alone: on PostgreSQL those lookups go to the
+    server together, as one statement; a read cancelled while it waits takes no
+    other read with it, and a lookup PostgreSQL refuses fails only its own read."""
+    granted = await full_story(client, org)
+    withdrawn = await full_story(client, org)
+    await consent(direct, granted, "marketing.email", True)
+    await consent(direct, withdrawn, "marketing.email", True)
+    await consent(direct, withdrawn, "marketing.email", False)
+    await direct.start(migrate=False)  # its policy, and audit writer, as a server's
+
+    def key(team: str) -> Any:
+        return direct.presented_key(org[team]["Authorization"].removeprefix("Bearer "))
+
+    cases = [
+        (key("marketing"), granted, "marketing.email"),
+        (key("marketing"), withdrawn, "marketing.email"),
+        (key("support"), granted, "service.support"),
+        (key("sales"), withdrawn, "sales.outreach"),
+        (key("support"), str(uuid.UUID(int=7)), "service.support"),  # no such customer
+        (direct.presented_key("svk_" + "0" * 40), granted, "service.support"),  # no such key
+    ]
+
+    async def answer(credential: Any, cid: str, purpose: str) -> Any:
+        try:
+            view = await direct.read_story(credential, cid, purpose)
+        except Exception as exc:
+            return (type(exc).__name__, getattr(exc, "code", None))
+        return (
+            sorted(view.profile.items()),
+            sorted((w["category"], w["reason"]) for w in view.withheld),
+        )
+
+    alone = [await answer(*case) for case in cases]
+    assert len({repr(a) for a in alone}) == len(cases)  # every case answers differently
+    assert alone[1][0] == []
+    assert {r for _, r in alone[1][1]} >= {"consent_withdrawn"}
+    assert alone[4] == ("NotFound", "customer_not_found")
+    assert alone[5][0] == "Unauthorized"
+
+    logged = await log_every_statement(direct.db) if backend == "postgresql" else []
+    reads = [asyncio.create_task(answer(*cases[i % len(cases)])) for i in range(61)]
+    await asyncio.sleep(0)  # every read now waits for its lookup
+    reads[60].cancel()
+    together = await asyncio.gather(*reads, return_exceptions=True)
+    assert isinstance(together[60], asyncio.CancelledError)
+    assert together[:60] == [alone[i % len(cases)] for i in range(60)]
+    if backend == "postgresql":
+        lookups = [q for q in logged if "api_keys" in q]
+        assert len(lookups) == 1, lookups  # one statement for 61 reads
+        assert "unnest" in lookups[0]
+
+    # A customer id no read over HTTP could send (the API takes UUIDs only):
+    # PostgreSQL refuses its NUL byte, SQLite finds no such customer.
+    reads = [asyncio.create_task(answer(*cases[i % len(cases)])) for i in range(30)]
+    refused = asyncio.create_task(answer(key("support"), "nul\x00byte", "service.support"))
+    together = await asyncio.gather(*reads, refused)
+    assert together[:30] == [alone[i % len(cases)] for i in range(30)]
+    refused_as = (
+        ("DataError", "9h9h") if backend == "postgresql" else ("NotFound", "customer_not_found")
+    )
+    assert together[30] == refused_as  # 9h9h: SQLAlchemy's code of a DataError
 
 
 async def test_story_cache_follows_every_change_on_every_instance(
