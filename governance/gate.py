@@ -103,20 +103,28 @@ _Q = (
     )
     .render_derived(name="q")
 )
+
+
+def _key_customer_and_consent(start: Any, digest: Any, customer_id: Any, purpose: Any) -> Any:
+    """The lookup's joins from ``start``, with the values looked up for."""
+    return (
+        start.outerjoin(_K, _K.c.digest == digest)
+        .outerjoin(_T, _T.c.name == _K.c.team)
+        .outerjoin(_C, _C.c.id == customer_id)
+        .outerjoin(_S, and_(_S.c.subject == _C.c.subject, _S.c.purpose == purpose))
+    )
+
+
 _KEY_CUSTOMER_AND_CONSENT = Batched(
     Prepared(
         select(*_KEY_CUSTOMER_AND_CONSENT_COLUMNS).select_from(
-            _O.outerjoin(_K, _K.c.digest == bindparam("digest"))
-            .outerjoin(_T, _T.c.name == _K.c.team)
-            .outerjoin(_C, _C.c.id == bindparam("customer_id"))
-            .outerjoin(_S, and_(_S.c.subject == _C.c.subject, _S.c.purpose == bindparam("purpose")))
+            _key_customer_and_consent(
+                _O, bindparam("digest"), bindparam("customer_id"), bindparam("purpose")
+            )
         )
     ),
     select(_Q.c.n, *_KEY_CUSTOMER_AND_CONSENT_COLUMNS).select_from(
-        _Q.outerjoin(_K, _K.c.digest == _Q.c.digest)
-        .outerjoin(_T, _T.c.name == _K.c.team)
-        .outerjoin(_C, _C.c.id == _Q.c.customer_id)
-        .outerjoin(_S, and_(_S.c.subject == _C.c.subject, _S.c.purpose == _Q.c.purpose))
+        _key_customer_and_consent(_Q, _Q.c.digest, _Q.c.customer_id, _Q.c.purpose)
     ),
 )
 _CATEGORY_STATES = Prepared(
