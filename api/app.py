@@ -29,7 +29,7 @@ from api.controllers.rights import (
     TeamRequestsController,
     export_schema_doc,
 )
-from api.middleware import RequestLogMiddleware, security_headers
+from api.middleware import MetricsMiddleware, RequestLogMiddleware, security_headers
 from api.openapi import document_problems
 from api.portal import PortalController, portal_static_router, portal_template_config
 from api.problems import exception_handlers
@@ -85,7 +85,11 @@ def create_app(
         return vault
 
     prometheus = PrometheusConfig(
-        app_name="storyvault", prefix="storyvault", group_path=True, exclude=["/metrics"]
+        app_name="storyvault",
+        prefix="storyvault",
+        group_path=True,
+        exclude=["/metrics"],
+        middleware_class=MetricsMiddleware,
     )
     domain_errors: tuple[type[Exception], ...] = (
         GovernanceError,

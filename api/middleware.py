@@ -14,12 +14,14 @@ import uuid
 from typing import Any, cast
 
 import structlog
+from litestar.connection import Request
 from litestar.enums import ScopeType
+from litestar.plugins.prometheus import PrometheusMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from governance.logs import RequestFields, end_request_fields, request_log, start_request_fields
 
-__all__ = ["RequestLogMiddleware", "request_id", "security_headers"]
+__all__ = ["MetricsMiddleware", "RequestLogMiddleware", "request_id", "security_headers"]
 
 
 def request_id() -> str | None:
@@ -152,3 +154,21 @@ class RequestLogMiddleware:
             else:
                 _write_line(scope, status, start, fields)
                 structlog.contextvars.unbind_contextvars("request_id")
+
+
+class MetricsMiddleware(PrometheusMiddleware):
+    """Litestar's Prometheus middleware with the same metrics and labels, its path
+    label the route's template (``group_path``) read straight from the scope.
+    Litestar's own builds the request's whole URL first (``request.url``), query
+    string and all, only to set its path aside for the template: about 18,600 of
+    the gated read's 1,222,000 instructions and 8,700 of ``/health``'s 529,000
+    (``python -m bench.instructions --backend postgresql``)."""
+
+    def _get_default_labels(self, request: Request[Any, Any, Any]) -> dict[str, str | int | float]:
+        scope = request.scope
+        return {
+            "method": scope["method"] if scope["type"] == ScopeType.HTTP else scope["type"],
+            "path": scope["path_template"],
+            "status_code": 200,
+            "app_name": self._config.app_name,
+        }

@@ -98,6 +98,40 @@ async def test_request_and_decision_metrics_move(
     assert requests > sum(v for (m, _), v in before.items() if m == "storyvault_requests_total")
 
 
+async def test_request_metrics_are_per_route_template_and_carry_no_ids(
+    client: AsyncTestClient[Any], support: dict[str, str]
+) -> None:
+    """Request metrics count by method, route template and status: reads of two
+    customers add to one series, a customer not found to its 404 series, and no
+    label carries a customer id or the query string (the purpose asked for)."""
+    first = await _customer(client, support, "obs.route.one@example.org")
+    second = await _customer(client, support, "obs.route.two@example.org")
+    missing = str(uuid.uuid4())
+    route = "/v1/customers/{customer_id}/story"
+    labels = {"app_name": "storyvault", "method": "GET", "path": route}
+    before = await scrape(client)
+    for cid in (first, second):
+        resp = await client.get(f"/v1/customers/{cid}/story{P}", headers=support)
+        assert resp.status_code == 200, resp.text
+    resp = await client.get(f"/v1/customers/{missing}/story{P}", headers=support)
+    assert resp.status_code == 404
+    after = await scrape(client)
+    name = "storyvault_requests_total"
+    ok = dict(labels, status_code="200")
+    assert value(after, name, **ok) == value(before, name, **ok) + 2
+    gone = dict(labels, status_code="404")
+    assert value(after, name, **gone) == value(before, name, **gone) + 1
+    timed = "storyvault_request_duration_seconds_count"
+    assert value(after, timed, **ok) == value(before, timed, **ok) + 2
+    # none of these requests is in progress any more
+    assert value(after, "storyvault_requests_in_progress", **labels) == 0
+    for _, pairs in after:
+        for _, label in pairs:
+            assert not any(cid in label for cid in (first, second, missing)), label
+            assert "service.support" not in label, label
+            assert "?" not in label, label
+
+
 async def test_audit_batch_metrics_move(
     client: AsyncTestClient[Any], org: dict[str, dict[str, str]]
 ) -> None:
