@@ -160,9 +160,9 @@ class MetricsMiddleware(PrometheusMiddleware):
     """Litestar's Prometheus middleware with the same metrics and labels, its path
     label the route's template (``group_path``) read straight from the scope.
     Litestar's own builds the request's whole URL first (``request.url``), query
-    string and all, only to set its path aside for the template: about 18,600 of
-    the gated read's 1,222,000 instructions and 8,700 of ``/health``'s 529,000
-    (``python -m bench.instructions --backend postgresql``)."""
+    string and all, only to set its path aside for the template: 19,300 (PostgreSQL)
+    to 29,800 (SQLite) of the gated read's instructions and 7,500 to 9,400 of
+    ``/health``'s (``python -m bench.instructions``; bench/results/instructions*.json)."""
 
     def _get_default_labels(self, request: Request[Any, Any, Any]) -> dict[str, str | int | float]:
         scope = request.scope
