@@ -24,8 +24,12 @@ One run:
    ``--rounds`` rounds of ``--duration`` seconds in which a server's endpoints take
    turns; each point is its median round (``bench_server``);
 4. records requests/s, p50/p99 latency, CPU per request (utime+stime of the server
-   processes from /proc, divided by requests) and peak RSS (VmHWM) to
-   bench/results/gated_read.json, and writes the table and charts of docs/benchmarks.md.
+   processes from /proc, divided by requests), the whole machine's busy CPU per
+   request (/proc/stat) with the database server's and wrk's parts, and peak RSS
+   (VmHWM) to bench/results/gated_read.json, and writes the tables and charts of
+   docs/benchmarks.md (``machine_cpu_lines``: where the machine's CPU went, and
+   (c)/(a) taken apart into what a gated read costs the machine beside ``/health``
+   and how fully each kept its CPUs busy).
 
 ``--soak SECONDS`` instead runs the gated read at half load for that long
 (``make bench-soak``: 600 s) and checks RSS growth < 10 % and no error
@@ -44,6 +48,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -251,6 +256,62 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def descendants(root: int) -> list[int]:
+    """``root`` and every process descended from it, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found = [root]
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, p in parents.items() if p == pid]
+        found += kids
+        frontier += kids
+    return found
+
+
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (utime + stime) of each of ``pids`` still running."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two ``cpu_by_pid`` readings (a process that started in
+    between counts from zero)."""
+    return sum(after.values()) - sum(before.get(pid, 0.0) for pid in after)
+
+
+def host_busy_seconds(stat: Path = Path("/proc/stat")) -> float:
+    """CPU seconds the whole machine has been busy, all CPUs: user, nice, system, irq
+    and softirq time (guest time is in user). Idle, I/O wait and steal (time the
+    hypervisor gave to another machine) are not busy."""
+    fields = stat.read_text().splitlines()[0].split()
+    assert fields[0] == "cpu", f"unexpected {stat}: {fields[:2]}"
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have exited and been waited for
+    (``subprocess.run``'s wrk among them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 @dataclass
 class Server:
     name: str
@@ -258,41 +319,26 @@ class Server:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    database: int | None = None
+    """The process of the database server it uses, if one of its own (PostgreSQL's,
+    whose processes descend from it): its CPU is counted apart (``Point``)."""
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def database_cpu(self) -> dict[int, float]:
+        """``cpu_by_pid`` of the database server's processes (none for SQLite, which
+        runs in the server's own processes)."""
+        return {} if self.database is None else cpu_by_pid(descendants(self.database))
+
     def pids(self) -> list[int]:
         """The server process and all its descendants (uvicorn workers)."""
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        found = [self.proc.pid]
-        frontier = [self.proc.pid]
-        while frontier:
-            pid = frontier.pop()
-            kids = [c for c, p in parents.items() if p == pid]
-            found += kids
-            frontier += kids
-        return found
+        return descendants(self.proc.pid)
 
     def cpu_by_pid(self) -> dict[int, float]:
         """CPU seconds (utime + stime) of the server process and each descendant."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        out: dict[int, float] = {}
-        for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[pid] = (int(fields[11]) + int(fields[12])) / ticks
-        return out
+        return cpu_by_pid(self.pids())
 
     def worker_shares(self, before: dict[int, float], after: dict[int, float]) -> list[float]:
         """Each worker's share of the workers' CPU between two ``cpu_by_pid`` readings,
@@ -349,7 +395,13 @@ def balanced(shares: list[float], workers: int) -> bool:
 
 
 def start_server(
-    name: str, cmd: list[str], env: dict[str, str], port: int, workers: int, logs: Path
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    workers: int,
+    logs: Path,
+    database: int | None = None,
 ) -> Server:
     log_path = logs / f"{name}-w{workers}.log"
     proc = subprocess.Popen(
@@ -360,7 +412,9 @@ def start_server(
         stdout=log_path.open("ab"),
         stderr=subprocess.STDOUT,
     )
-    server = Server(name=name, workers=workers, port=port, proc=proc, log=log_path)
+    server = Server(
+        name=name, workers=workers, port=port, proc=proc, log=log_path, database=database
+    )
     deadline = time.monotonic() + 120
     probe = "/ready" if name == "storyvault" else "/health"
     while not _http_ok(server.url + probe):
@@ -509,6 +563,17 @@ class Point:
     memory: dict[str, float] = field(default_factory=dict)
     loadavg_1m: float = 0.0
     """Machine load when the point ended: other processes share the CPUs."""
+    host_cpu_ms_per_request: float = 0.0
+    """The whole machine's busy CPU during the point (``host_busy_seconds``: the
+    server, its database server, wrk and anything else) ÷ requests."""
+    host_cpu_util: float = 0.0
+    """CPUs the whole machine kept busy during the point (at most its CPU count)."""
+    database_cpu_ms_per_request: float | None = None
+    """CPU of the database server's processes ÷ requests (PostgreSQL's, when the
+    ``Server`` names it; None otherwise, and for SQLite, whose work is in the
+    server's own CPU)."""
+    loadgen_cpu_ms_per_request: float = 0.0
+    """wrk's CPU ÷ requests."""
     cache_misses: int | None = None
     """Story- and data-key-cache misses during the point, all workers (Story Vault's
     reads of a customer; None elsewhere)."""
@@ -557,9 +622,11 @@ def measure(
     probe = server.name == "storyvault" and endpoint != "health"
     for attempt in range(1, BALANCE_ATTEMPTS + 1):
         misses0 = cache_misses(server) if probe else None
-        per0 = server.cpu_by_pid()
+        per0, db0 = server.cpu_by_pid(), server.database_cpu()
+        host0, gen0 = host_busy_seconds(), children_cpu_seconds()
         res = run_wrk(wrk, server, script, duration=duration, connections=connections)
-        per1 = server.cpu_by_pid()
+        host1, gen1 = host_busy_seconds(), children_cpu_seconds()
+        per1, db1 = server.cpu_by_pid(), server.database_cpu()
         misses1 = cache_misses(server) if misses0 is not None else None
         shares = server.worker_shares(per0, per1)
         if balanced(shares, server.workers):
@@ -568,7 +635,7 @@ def measure(
             f"  {endpoint} {load}: the workers' CPU shares were {shares} (wrk's connections"
             f" did not reach every worker); attempt {attempt} of {BALANCE_ATTEMPTS}"
         )
-    cpu = sum(per1.values()) - sum(per0.get(pid, 0.0) for pid in per1)
+    cpu = cpu_used(per0, per1)
     secs = res["duration_us"] / 1e6
     n = max(1, res["requests"])
     errors = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
@@ -592,6 +659,12 @@ def measure(
         cpu_util=round(cpu / secs, 2),
         memory=server.memory(),
         loadavg_1m=round(os.getloadavg()[0], 2),
+        host_cpu_ms_per_request=round((host1 - host0) * 1000 / n, 3),
+        host_cpu_util=round((host1 - host0) / secs, 2),
+        database_cpu_ms_per_request=(
+            None if server.database is None else round(cpu_used(db0, db1) * 1000 / n, 3)
+        ),
+        loadgen_cpu_ms_per_request=round((gen1 - gen0) * 1000 / n, 3),
         cache_misses=None if misses1 is None or misses0 is None else misses1 - misses0,
         worker_cpu_shares=shares,
         attempts=attempt,
@@ -599,7 +672,9 @@ def measure(
     log(
         f"  {backend} {server.name} w{server.workers} {endpoint:7s} {load:4s}: "
         f"{point.rps:8.1f} req/s  p50 {point.p50_ms:7.2f} ms  p99 {point.p99_ms:7.2f} ms  "
-        f"cpu {point.cpu_ms_per_request:.2f} ms/req  errors {errors}  "
+        f"cpu {point.cpu_ms_per_request:.2f} ms/req  "
+        f"host cpu {point.host_cpu_ms_per_request:.2f} ms/req ({point.host_cpu_util} busy)  "
+        f"errors {errors}  "
         f"peak rss {point.memory['peak_rss_mib_max']} MiB"
         + ("" if point.cache_misses is None else f"  cache misses {point.cache_misses}")
     )
@@ -687,6 +762,10 @@ def _round(p: Point) -> dict[str, Any]:
         "cpu_util": p.cpu_util,
         "worker_cpu_shares": p.worker_cpu_shares,
         "loadavg_1m": p.loadavg_1m,
+        "host_cpu_ms_per_request": p.host_cpu_ms_per_request,
+        "host_cpu_util": p.host_cpu_util,
+        "database_cpu_ms_per_request": p.database_cpu_ms_per_request,
+        "loadgen_cpu_ms_per_request": p.loadgen_cpu_ms_per_request,
     }
 
 
@@ -901,6 +980,8 @@ def ratios(points: list[Point]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"backend": backend, "workers": workers}
             if a:
                 row["c_over_a"] = round(c.rps / a.rps, 3)
+                if (apart := c_over_a_apart(a, c)) is not None:
+                    row["c_over_a_apart"] = apart
             if b:
                 row["c_over_b"] = round(c.rps / b.rps, 3)
             if d:
@@ -1021,6 +1102,82 @@ MARK_BEGIN = "<!-- bench:begin (generated by `make bench`; edits inside are over
 MARK_END = "<!-- bench:end -->"
 
 
+def cpu_split(p: Point) -> dict[str, float | None]:
+    """A point's machine CPU per request (ms) by where it went: the server's processes,
+    the database server's (None without one), wrk, and the rest (the kernel's work
+    outside those processes and anything else running)."""
+    database = p.database_cpu_ms_per_request
+    rest = p.host_cpu_ms_per_request - p.cpu_ms_per_request - (database or 0.0)
+    return {
+        "server": p.cpu_ms_per_request,
+        "database": database,
+        "wrk": p.loadgen_cpu_ms_per_request,
+        "rest": round(rest - p.loadgen_cpu_ms_per_request, 3),
+        "machine": p.host_cpu_ms_per_request,
+    }
+
+
+def c_over_a_apart(a: Point, c: Point) -> dict[str, float] | None:
+    """(c)/(a) as the product of two factors, from the machine's CPU: requests/s is
+    the CPUs kept busy ÷ the machine's CPU per request, so (c)/(a) = (a)'s CPU per
+    request ÷ (c)'s (what a gated read costs beside ``/health``) times (c)'s busy CPUs ÷
+    (a)'s (how fully each kept the machine busy). None without the figures."""
+    if min(a.host_cpu_ms_per_request, c.host_cpu_ms_per_request, a.host_cpu_util) <= 0:
+        return None
+    cost = a.host_cpu_ms_per_request / c.host_cpu_ms_per_request
+    busy = c.host_cpu_util / a.host_cpu_util
+    return {"cost": round(cost, 3), "busy": round(busy, 3), "product": round(cost * busy, 3)}
+
+
+def machine_cpu_lines(points: list[Point]) -> list[str]:
+    """The generated table of where the machine's CPU went at full load, and (c)/(a)
+    taken apart (``c_over_a_apart``)."""
+    full = [p for p in points if p.load == "full" and p.host_cpu_ms_per_request > 0]
+    if not full:
+        return []
+    lines = [
+        "",
+        "Where the machine's CPU went at full load, ms per request (/proc/stat for the "
+        "machine, less the server's processes, the database server's and wrk's; *rest* "
+        "is the kernel's work outside them and anything else running):",
+        "",
+        "| backend | server | workers | endpoint | server | database server | wrk | rest | "
+        "machine | CPUs busy |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in full:
+        s = cpu_split(p)
+        db = "—" if s["database"] is None else f"{s['database']:.3f}"
+        lines.append(
+            f"| {p.backend} | {p.server} | {p.workers} | {_label(p).split()[0]} {p.endpoint} "
+            f"| {s['server']:.3f} | {db} | {s['wrk']:.3f} | {s['rest']:.3f} | "
+            f"{s['machine']:.3f} | {p.host_cpu_util:.2f} |"
+        )
+    apart = []
+    for backend, workers in sorted({(p.backend, p.workers) for p in full}):
+        sv = {"backend": backend, "server": "storyvault", "workers": workers, "load": "full"}
+        a, c = _find(full, endpoint="health", **sv), _find(full, endpoint="gated", **sv)
+        parts = None if a is None or c is None else c_over_a_apart(a, c)
+        if parts is not None:
+            apart.append(
+                f"| {backend} | {workers} | {parts['cost']} | {parts['busy']} | "
+                f"{parts['product']} |"
+            )
+    if apart:
+        lines += [
+            "",
+            "(c)/(a) taken apart: requests/s = CPUs busy ÷ machine CPU per request, so "
+            "(c)/(a) = *cost* ((a)'s machine CPU per request ÷ (c)'s) times *busy* ((c)'s "
+            "CPUs busy ÷ (a)'s). With the machine's CPUs all busy for both, only *cost* "
+            "can move the ratio:",
+            "",
+            "| backend | workers | cost | busy | (c)/(a) |",
+            "|---|---|---:|---:|---:|",
+            *apart,
+        ]
+    return lines
+
+
 def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str]) -> Path:
     cfg = result["config"]
     m = result["machine"]
@@ -1103,6 +1260,7 @@ def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str])
             f"| {r['backend']} | {r['workers']} | {cell('c_over_a')} | {cell('c_over_b')} | "
             f"{cell('c_over_d')} | {cell('half_p99_over_p50')} |"
         )
+    lines += machine_cpu_lines(points)
     lines += [""] + [f"![{n}]({n})" for n in pictures] + ["", MARK_END]
     block = "\n".join(lines)
     path = DOCS / "benchmarks.md"
@@ -1169,6 +1327,7 @@ def run_backend(wrk: str, backend: str, args: argparse.Namespace, root: Path) ->
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     url, pg = start_backend(backend, data_dir)
+    database = None if pg is None else pg.proc.pid
     points: list[Point] = []
     try:
         log(f"{backend}: seeding {args.customers} customers in {data_dir}")
@@ -1180,7 +1339,7 @@ def run_backend(wrk: str, backend: str, args: argparse.Namespace, root: Path) ->
             port = free_port()
             env = storyvault_env(data_dir, url, port, workers, args.customers)
             log(f"{backend}: storyvault serve, {workers} worker(s), port {port}")
-            server = start_server("storyvault", storyvault, env, port, workers, logs)
+            server = start_server("storyvault", storyvault, env, port, workers, logs, database)
             try:
                 profile_dir = root if args.profile and workers == 1 else None
                 points += bench_server(
@@ -1211,7 +1370,7 @@ def run_backend(wrk: str, backend: str, args: argparse.Namespace, root: Path) ->
                     "warning",
                 ]
                 log(f"{backend}: naive reference, {workers} worker(s), port {port}")
-                server = start_server("naive", cmd, env, port, workers, logs)
+                server = start_server("naive", cmd, env, port, workers, logs, database)
                 try:
                     points += bench_server(
                         wrk, server, backend, {"naive": ENDPOINTS["gated"]}, ids, key, root, args
