@@ -115,7 +115,7 @@ class StoryVault(Operations, InsightsOperations):
             # of 8 as they come (and the rest at the end of the loop's pass), without
             # waiting for the parts before to commit (see audit.AuditWriter). Measured
             # against the whole pass's entries in one part, which left the worker idle
-            # while they committed: docs/benchmarks.md.
+            # while they committed: docs/benchmarks-history.md, the ninth round.
             self.audit_writer = AuditWriter(
                 MeasuredBatchLog(batch_log),
                 max_delay=0.0,

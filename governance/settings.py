@@ -139,10 +139,11 @@ class Settings:
     def uses_audit_process(self, workers: int) -> bool:
         """Whether ``storyvault serve`` with ``workers`` runs the audit process: as set,
         else on SQLite when this process may run on more CPUs than there are
-        workers. With none left over it takes its CPU from theirs; on PostgreSQL
-        the database server's own processes do much of a commit's work, and the
-        gated read measured slower with it (docs/benchmarks.md). Never for an
-        in-memory database, which no other process can reach."""
+        workers. With none left over it takes its CPU from theirs (measured with 2
+        workers on 2 CPUs: docs/benchmarks.md); on PostgreSQL the database
+        server's own processes do much of a commit's work, and the gated read
+        measured slower with it (docs/benchmarks-history.md, the ninth round).
+        Never for an in-memory database, which no other process can reach."""
         if ":memory:" in self.database_url:
             return False
         if self.audit_process is not None:
