@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -97,6 +98,9 @@ def serve(workers: int | None) -> None:
         "lifespan": "on",
     }
     workers = workers or settings.workers
+    # The workers load their settings from the environment: they see the count too
+    # (the audit window's default follows it: governance.settings.audit_window_ms).
+    os.environ["STORYVAULT_WORKERS"] = str(workers)
     # The audit group commit in a process of its own (governance.auditproc).
     audit = settings.uses_audit_process(workers)
     if workers > 1 or audit:

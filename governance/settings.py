@@ -101,7 +101,8 @@ class Settings:
     dek_cache_ttl: float = 300.0
     """Seconds an unwrapped data key may stay in memory."""
     audit_batch_ms: float = 2.0
-    """How long the audit writer gathers entries before one group commit."""
+    """How long the audit writer gathers entries before one group commit (by default
+    ``audit_window_ms``)."""
     sqlite_synchronous: str = "FULL"
     """SQLite ``synchronous`` pragma: FULL survives power loss, NORMAL only process crashes."""
     secure_cookies: bool = True
@@ -164,6 +165,22 @@ class Settings:
         return self.database_url
 
 
+def audit_window_ms(scheme: str, workers: int) -> float:
+    """The audit group commit's default window (``STORYVAULT_AUDIT_BATCH_MS``).
+
+    0.5 ms on PostgreSQL with one worker, else 2 ms. On PostgreSQL the window counts
+    from the first waiting entry's arrival, and the reads whose lookups came back in
+    one statement reach it a few tenths of a millisecond apart: with 2 ms the last
+    reads of such a wave waited out the window with nothing else to run. Measured
+    (docs/benchmarks.md, the twentieth round): with 1 worker, 0.5 ms kept the
+    machine busier and was ahead in every pair; with 2 workers, which take turns on
+    the log, the more and smaller batches cost more than the waits they spare. On
+    SQLite a batch closes as soon as every read that can join it has
+    (``audit.AuditWriter``'s early close): there the window only bounds a batch's
+    wait at low load."""
+    return 0.5 if scheme == "postgresql+asyncpg" and workers == 1 else 2.0
+
+
 def load_settings() -> Settings:
     """Read and validate the environment; raise SettingsError naming the variable."""
     data_dir = Path(_env("DATA_DIR") or "./var").resolve()
@@ -198,6 +215,7 @@ def load_settings() -> Settings:
     if admin_key is not None and len(admin_key) < 16:
         raise SettingsError(f"{_PREFIX}ADMIN_KEY must be at least 16 characters")
     loopback = host in {"127.0.0.1", "localhost", "::1"}
+    workers = _int("WORKERS", 1, low=1, high=64)
     return Settings(
         data_dir=data_dir,
         database_url=database_url,
@@ -211,12 +229,14 @@ def load_settings() -> Settings:
         max_body_bytes=_int("MAX_BODY_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
         dek_cache_size=_int("DEK_CACHE_SIZE", 10_000, low=0, high=10_000_000),
         dek_cache_ttl=_float("DEK_CACHE_TTL", 300.0, low=0.0, high=86_400.0),
-        audit_batch_ms=_float("AUDIT_BATCH_MS", 2.0, low=0.0, high=1000.0),
+        audit_batch_ms=_float(
+            "AUDIT_BATCH_MS", audit_window_ms(scheme, workers), low=0.0, high=1000.0
+        ),
         sqlite_synchronous=sync,
         secure_cookies=_bool("SECURE_COOKIES", default=not loopback),
         bench_routes=_bool("BENCH_ROUTES", default=False),
         demo_data=_bool("DEMO_DATA", default=True),
-        workers=_int("WORKERS", 1, low=1, high=64),
+        workers=workers,
         audit_process=_auto_bool("AUDIT_PROCESS"),
         audit_socket=_env("AUDIT_SOCKET") or None,
         login_code_ttl=_int("LOGIN_CODE_TTL", 600, low=60, high=3600),

@@ -145,3 +145,34 @@ def test_a_port_in_use_is_refused_not_shared(settings: Settings) -> None:
         _ready(server)
     finally:
         server.stop()
+
+
+def test_workers_started_with_a_count_on_the_command_line_see_that_count(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`storyvault serve --workers 2` with STORYVAULT_WORKERS=1: each worker loads
+    its settings from the environment, and defaults that follow the worker count
+    (the audit window on PostgreSQL: 0.5 ms for one worker, 2 ms for several) must
+    see 2, not the environment's 1."""
+    from click.testing import CliRunner
+
+    import api.workers
+    from api.cli import main
+    from governance.settings import load_settings
+
+    seen: list[Settings] = []
+
+    def serve_workers(workers: int, options: dict[str, object], *, audit: bool) -> int:
+        seen.append(load_settings())  # what a spawned worker loads
+        return 0
+
+    monkeypatch.setattr(api.workers, "serve_workers", serve_workers)
+    # Through monkeypatch, so that what serve sets is undone after the test too.
+    env = env_of(settings, STORYVAULT_DEMO_DATA="false", STORYVAULT_WORKERS="1")
+    for name in [k for k in os.environ if k.startswith("STORYVAULT_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, ["serve", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert [s.workers for s in seen] == [2]

@@ -65,6 +65,27 @@ def test_the_audit_process_runs_where_a_cpu_is_left_for_it(
     assert load_settings().uses_audit_process(workers) is expected
 
 
+@pytest.mark.parametrize(
+    ("url", "workers", "value", "expected"),
+    [
+        ("postgresql+asyncpg://h/db", "1", None, 0.5),  # the lone writer's reads in waves
+        ("postgresql+asyncpg://h/db", "2", None, 2.0),  # writers taking turns on the log
+        ("sqlite+aiosqlite:///x.db", "1", None, 2.0),  # early close decides there
+        ("sqlite+aiosqlite:///x.db", "2", None, 2.0),
+        ("postgresql+asyncpg://h/db", "1", "3", 3.0),  # as set
+        ("sqlite+aiosqlite:///x.db", "2", "0", 0.0),
+    ],
+)
+def test_the_audit_window_defaults_to_what_was_measured_for_the_database(
+    monkeypatch: pytest.MonkeyPatch, url: str, workers: str, value: str | None, expected: float
+) -> None:
+    monkeypatch.setenv("STORYVAULT_DATABASE_URL", url)
+    monkeypatch.setenv("STORYVAULT_WORKERS", workers)
+    if value is not None:
+        monkeypatch.setenv("STORYVAULT_AUDIT_BATCH_MS", value)
+    assert load_settings().audit_batch_ms == expected
+
+
 def test_cli_stops_with_one_line(tmp_path: Path) -> None:
     """`storyvault db upgrade` with a bad variable prints one line and exits 2."""
     env = {**os.environ, "STORYVAULT_PORT": "eighty", "STORYVAULT_DATA_DIR": str(tmp_path)}
