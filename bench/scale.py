@@ -111,10 +111,13 @@ def gated_point(
     return asdict(point)
 
 
-def serve(url: str, data_dir: Path, customers: int, logs: Path) -> Server:
+def serve(url: str, data_dir: Path, customers: int, logs: Path, database: int) -> Server:
+    """``storyvault serve`` on the database, whose server's CPU (``database``, its
+    process) each point counts apart."""
     port = free_port()
     env = storyvault_env(data_dir, url, port, 1, customers)
-    return start_server("storyvault", [str(BIN / "storyvault"), "serve"], env, port, 1, logs)
+    cmd = [str(BIN / "storyvault"), "serve"]
+    return start_server("storyvault", cmd, env, port, 1, logs, database)
 
 
 def grow(pg: PgServer, url: str, real: int, customers: int, chapters: int) -> dict[str, float]:
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         def phase() -> dict[str, Any]:
             """Counts, then the gated read and the audience stream on a fresh server."""
             out: dict[str, Any] = {"counts": counts(pg)}
-            server = serve(url, data_dir, args.real, logs)
+            server = serve(url, data_dir, args.real, logs, pg.proc.pid)
             try:
                 out["gated"] = gated_point(wrk, server, sample, key, root, args)
                 out["audience"] = stream_audience(server.url, key)
