@@ -300,7 +300,8 @@ def host_busy_seconds(stat: Path = Path("/proc/stat")) -> float:
     and softirq time (guest time is in user). Idle, I/O wait and steal (time the
     hypervisor gave to another machine) are not busy."""
     fields = stat.read_text().splitlines()[0].split()
-    assert fields[0] == "cpu", f"unexpected {stat}: {fields[:2]}"
+    if fields[:1] != ["cpu"]:
+        raise RuntimeError(f"{stat} does not start with the machine's cpu line: {fields[:2]}")
     user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
@@ -1129,9 +1130,9 @@ def c_over_a_apart(a: Point, c: Point) -> dict[str, float] | None:
     return {"cost": round(cost, 3), "busy": round(busy, 3), "product": round(cost * busy, 3)}
 
 
-def machine_cpu_lines(points: list[Point]) -> list[str]:
+def machine_cpu_lines(points: list[Point], ratio_rows: list[dict[str, Any]]) -> list[str]:
     """The generated table of where the machine's CPU went at full load, and (c)/(a)
-    taken apart (``c_over_a_apart``)."""
+    taken apart as ``ratios`` did it (``c_over_a_apart``)."""
     full = [p for p in points if p.load == "full" and p.host_cpu_ms_per_request > 0]
     if not full:
         return []
@@ -1153,16 +1154,12 @@ def machine_cpu_lines(points: list[Point]) -> list[str]:
             f"| {s['server']:.3f} | {db} | {s['wrk']:.3f} | {s['rest']:.3f} | "
             f"{s['machine']:.3f} | {p.host_cpu_util:.2f} |"
         )
-    apart = []
-    for backend, workers in sorted({(p.backend, p.workers) for p in full}):
-        sv = {"backend": backend, "server": "storyvault", "workers": workers, "load": "full"}
-        a, c = _find(full, endpoint="health", **sv), _find(full, endpoint="gated", **sv)
-        parts = None if a is None or c is None else c_over_a_apart(a, c)
-        if parts is not None:
-            apart.append(
-                f"| {backend} | {workers} | {parts['cost']} | {parts['busy']} | "
-                f"{parts['product']} |"
-            )
+    apart = [
+        f"| {r['backend']} | {r['workers']} | {parts['cost']} | {parts['busy']} | "
+        f"{parts['product']} |"
+        for r in ratio_rows
+        if (parts := r.get("c_over_a_apart")) is not None
+    ]
     if apart:
         lines += [
             "",
@@ -1260,7 +1257,7 @@ def write_docs(result: dict[str, Any], points: list[Point], pictures: list[str])
             f"| {r['backend']} | {r['workers']} | {cell('c_over_a')} | {cell('c_over_b')} | "
             f"{cell('c_over_d')} | {cell('half_p99_over_p50')} |"
         )
-    lines += machine_cpu_lines(points)
+    lines += machine_cpu_lines(points, result["ratios"])
     lines += [""] + [f"![{n}]({n})" for n in pictures] + ["", MARK_END]
     block = "\n".join(lines)
     path = DOCS / "benchmarks.md"

@@ -116,7 +116,8 @@ def test_the_split_adds_up_to_the_machine_and_the_table_shows_it() -> None:
     assert cpu_split(sqlite)["rest"] == pytest.approx(0.28)
     health = _point("health", 9500, 0.2, 1.9, 0.0)
     half = dataclasses.replace(gated, load="half")
-    lines = machine_cpu_lines([health, gated, half, sqlite])
+    points = [health, gated, half, sqlite]
+    lines = machine_cpu_lines(points, ratios(points))
     rows = [
         line for line in lines if line.startswith("| postgresql") or line.startswith("| sqlite")
     ]
