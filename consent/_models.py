@@ -146,8 +146,9 @@ class ConsentState(SQLModel, table=True):
 
     __tablename__ = "consent_state"
     __table_args__ = (
-        # The audience query: one range scan per purpose, ordered by subject.
-        Index("ix_consent_state_audience", "purpose", "state", "subject"),
+        # The audience query: one range scan per purpose, ordered by subject, that
+        # reads the expiry and age it checks from the index too (migration 0004).
+        Index("ix_consent_state_audience", "purpose", "state", "subject", "expires_at", "since"),
     )
 
     subject: str = Field(primary_key=True, max_length=200)

@@ -56,6 +56,9 @@ def _ts(*, nullable: bool = False, index: bool = False) -> Column[datetime]:
 
 class CustomerRow(SQLModel, table=True):
     __tablename__ = "customers"
+    # The audience query walks customers in pseudonym order and reads their id and
+    # status: from this index alone (migration 0004).
+    __table_args__ = (Index("ix_customers_audience", "subject", "status", "id"),)
 
     id: str = Field(primary_key=True, max_length=36)
     # The keyed pseudonym used in the ledger and the audit log (see KeyRing.pseudonym).

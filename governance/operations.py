@@ -12,13 +12,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from audit import AuditEntry, EntryKind, EntryPage
 from consent import (
     Channel,
     ConsentEvent,
     ConsentState,
+    PurposeTerms,
     UnknownPurpose,
     allowed_condition,
     evaluate,
@@ -46,6 +47,27 @@ if TYPE_CHECKING:
 __all__ = ["ConsentOutcome", "Operations", "PurposeConsent"]
 
 log = structlog.get_logger("storyvault")
+
+
+def audience_page(terms: PurposeTerms, now: datetime, after: str | None, limit: int) -> Select[Any]:
+    """One page of the audience of ``terms``: (customer id, pseudonym) of active
+    customers whose legal basis allows it at ``now``, after the pseudonym ``after``,
+    in pseudonym order. On PostgreSQL a merge join of two index-only scans, which
+    read no table rows (the covering indexes of migration 0004); on SQLite the walk
+    over the customers reads its index only."""
+    subject_col = CUSTOMERS.subject
+    query = (
+        select(CUSTOMERS.id, subject_col)
+        .where(
+            CUSTOMERS.status == "active",
+            allowed_condition(terms, now, subject_col, after=after or None),
+        )
+        .order_by(subject_col)
+        .limit(limit)
+    )
+    if after:
+        query = query.where(subject_col > after)
+    return query
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,20 +391,7 @@ class Operations:
         database (keyset pagination by pseudonym, so it scales to millions)."""
         purpose = self.check_purpose(purpose)
         self.gate.policy_table(principal, purpose, Action.READ)
-        terms = self.ledger.terms(purpose)
-        now = self.ledger.now()
-        subject_col = CUSTOMERS.subject
-        query = (
-            select(CUSTOMERS.id, subject_col)
-            .where(
-                CUSTOMERS.status == "active",
-                allowed_condition(terms, now, subject_col, after=after or None),
-            )
-            .order_by(subject_col)
-            .limit(limit)
-        )
-        if after:
-            query = query.where(subject_col > after)
+        query = audience_page(self.ledger.terms(purpose), self.ledger.now(), after, limit)
         # Plain tuples on a read connection (autocommit on PostgreSQL): no ORM
         # session, no Row objects for a page of up to 10,000 ids.
         rows = await self.db.read(lambda conn: conn.execute(query).all(), bulk=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import re
 import time
 import uuid
@@ -20,12 +21,14 @@ import msgspec
 import pytest
 from litestar.serialization import encode_json
 from litestar.testing import AsyncTestClient
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import ClauseElement, Executable, delete, func, select, text
+from sqlalchemy.ext.compiler import compiles
 
 from api.app import create_app
 from api.controllers.customers import StoryRead
-from consent import Channel
-from governance.models import CUSTOMERS, ChapterRow
+from consent import Channel, ConsentState
+from governance.models import CUSTOMERS, ChapterRow, CustomerRow
+from governance.operations import audience_page
 from governance.service import StoryVault
 from policies import RuleSpec
 from tests.conftest import (
@@ -1237,3 +1240,95 @@ async def test_a_read_caches_a_customers_data_keys_for_one_lifetime_within_the_t
     expiries = [e for (e,) in per_customer]
     assert len(set(expiries)) == 3
     assert all(before + 0.8 * cache.ttl <= e <= after + cache.ttl for e in expiries)
+
+
+class _Explain(Executable, ClauseElement):
+    """``EXPLAIN`` of a statement, compiled by the connection's dialect."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: Any, prefix: str) -> None:
+        self.statement = statement
+        self.prefix = prefix
+
+
+@compiles(_Explain)
+def _compile_explain(element: _Explain, compiler: Any, **kw: Any) -> str:
+    return f"{element.prefix} {compiler.process(element.statement, **kw)}"
+
+
+def _scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node of a PostgreSQL JSON plan that reads a relation."""
+    found = [plan] if "Relation Name" in plan else []
+    for child in plan.get("Plans", []):
+        found += _scans(child)
+    return found
+
+
+async def test_audience_pages_read_indexes_only(direct: StoryVault, database_url: str) -> None:
+    """A page of an audience reads the customers' ids and the consents' expiry from
+    indexes, not from the tables: at a million customers the table reads made a
+    page cost 160-400 ms on PostgreSQL, the index-only page 16 ms."""
+    now = direct.ledger.now()
+    n = 3000
+    # Pseudonyms in no relation to the order rows were written in, as keyed hashes are.
+    subject = {i: "sp_" + hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(1, n + 1)}
+    customers = [
+        {
+            "id": str(uuid.UUID(int=i)),
+            "subject": subject[i],
+            "status": "active" if i % 10 else "erased",
+            "restricted": False,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for i in range(1, n + 1)
+    ]
+    states = [
+        {
+            "subject": subject[i],
+            "purpose": "marketing.email",
+            "state": "granted" if i % 3 else "withdrawn",
+            "since": now,
+            "expires_at": None,
+            "last_event_id": uuid.UUID(int=i),
+            "last_ledger_index": i,
+        }
+        for i in range(1, n + 1, 2)
+    ]
+    async with direct.db.engine.begin() as conn:
+        await conn.execute(CustomerRow.__table__.insert(), customers)  # type: ignore[attr-defined]
+        await conn.execute(ConsentState.__table__.insert(), states)  # type: ignore[attr-defined]
+    # Active customers with a standing grant: odd i (a consent row), not every third
+    # (withdrawn), not every tenth (erased).
+    expected = sorted(subject[i] for i in range(1, n + 1) if i % 2 and i % 3 and i % 10)
+    after = expected[len(expected) // 2]
+    query = audience_page(direct.ledger.terms("marketing.email"), now, after, 100)
+    if database_url.startswith("postgresql"):
+        async with direct.db.engine.connect() as opened:
+            conn = await opened.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text("VACUUM ANALYZE customers, consent_state"))
+        async with direct.db.engine.begin() as conn:
+            # Whether the indexes cover the page, not the planner's choice for
+            # tables this small: plans that read the tables are ruled out.
+            await conn.execute(text("SET LOCAL enable_seqscan = off"))
+            await conn.execute(text("SET LOCAL enable_bitmapscan = off"))
+            explain = _Explain(query, "EXPLAIN (ANALYZE, FORMAT JSON)")
+            plan = (await conn.execute(explain)).scalar_one()
+            rows = (await conn.execute(query)).all()
+        scans = _scans(plan[0]["Plan"])
+        assert {s["Relation Name"] for s in scans} == {"customers", "consent_state"}
+        for scan in scans:
+            assert scan["Node Type"] == "Index Only Scan", scan
+            assert scan["Heap Fetches"] == 0, scan
+    else:
+        async with direct.db.engine.connect() as conn:
+            details = [r[-1] for r in await conn.execute(_Explain(query, "EXPLAIN QUERY PLAN"))]
+            rows = (await conn.execute(query)).all()
+        # SQLite looks each consent up by its primary key: the customers' side is
+        # the one that walks the table.
+        assert any("customers USING COVERING INDEX ix_customers_audience" in d for d in details), (
+            details
+        )
+    # And the page is the right one: the next 100 allowed, active customers in order.
+    assert [r[1] for r in rows] == [s for s in expected if s > after][:100]
