@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     wrk = ensure_wrk()
     root = Path(tempfile.mkdtemp(prefix="sv-scale-"))
     pg = start_pg(durable=True)

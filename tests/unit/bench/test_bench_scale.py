@@ -58,3 +58,13 @@ def test_the_sizes_take_turns_and_neither_always_goes_first(
     assert warmed == ["S", "L"]  # both warmed before any round
     assert order == ["S", "L", "L", "S", "S", "L", "L", "S"]
     assert {k: len(v) for k, v in points.items()} == {"small": 4, "large": 4}
+
+
+def test_a_run_without_rounds_is_refused_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(scale, "ensure_wrk", lambda: pytest.fail("nothing may start"))
+    with pytest.raises(SystemExit) as exit_:
+        scale.main(["--rounds", "0"])
+    assert exit_.value.code == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
