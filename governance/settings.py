@@ -141,9 +141,10 @@ class Settings:
         """Whether ``storyvault serve`` with ``workers`` runs the audit process: as set,
         else on SQLite when this process may run on more CPUs than there are
         workers. With none left over it takes its CPU from theirs (measured with 2
-        workers on 2 CPUs: docs/benchmarks.md); on PostgreSQL the database
-        server's own processes do much of a commit's work, and the gated read
-        measured slower with it (docs/benchmarks-history.md, the ninth round).
+        workers on 2 CPUs: docs/benchmarks-history.md, the twentieth round); on
+        PostgreSQL the database server's own processes do much of a commit's work,
+        and the gated read measured slower with it (docs/benchmarks-history.md, the
+        ninth round).
         Never for an in-memory database, which no other process can reach."""
         if ":memory:" in self.database_url:
             return False
@@ -172,7 +173,7 @@ def audit_window_ms(scheme: str, workers: int) -> float:
     from the first waiting entry's arrival, and the reads whose lookups came back in
     one statement reach it a few tenths of a millisecond apart: with 2 ms the last
     reads of such a wave waited out the window with nothing else to run. Measured
-    (docs/benchmarks.md, the twentieth round): with 1 worker, 0.5 ms kept the
+    (docs/benchmarks-history.md, the twentieth round): with 1 worker, 0.5 ms kept the
     machine busier and was ahead in every pair; with 2 workers, which take turns on
     the log, the more and smaller batches cost more than the waits they spare. On
     SQLite a batch closes as soon as every read that can join it has
