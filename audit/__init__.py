@@ -5,7 +5,8 @@ Layers, bottom up:
 * ``_merkle``: RFC 9162 hashing, proof generation and verification (pure).
 * ``_entry``: audit entries and their RFC 8785 canonical leaf bytes.
 * ``_tree_head``: Ed25519 signed tree heads over RFC 9162 ``TreeHeadDataV2``.
-* ``_store``: the ``audit_*`` tables; ``_append_only``: triggers refusing edits.
+* ``_store``: the ``audit_*`` tables; ``_append_only``: triggers refusing edits;
+  ``_pg_append``: PostgreSQL's function that appends a batch or returns the newest state.
 * ``_log``: ``TransparencyLog``, sequenced batch appends, reads and proofs.
 * ``_writer``: ``AuditWriter``, group commit with a durability contract.
 * ``_verify``: ``verify_log``, streaming recomputation finding the first divergence.
@@ -61,6 +62,7 @@ from audit._merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from audit._pg_append import append_function_ddl, drop_append_function_ddl
 from audit._remote import LogServer, RemoteLog
 from audit._sql import Batched, Prepared
 from audit._store import TABLE_NAMES, TABLES, entries, nodes, tree_heads
@@ -110,10 +112,12 @@ __all__ = [
     "TransparencyLog",
     "TreeHeadNotFound",
     "Withheld",
+    "append_function_ddl",
     "append_only_ddl",
     "consistency_proof",
     "consistency_proof_ranges",
     "decode_leaf",
+    "drop_append_function_ddl",
     "drop_append_only_ddl",
     "encode_leaf",
     "entries",

@@ -80,6 +80,7 @@ from audit._merkle import (
     perfect_subtrees,
     subtree_hash_from,
 )
+from audit._pg_append import APPEND_FUNCTION
 from audit._sql import Prepared
 from audit._store import entries, nodes, tree_heads
 from audit._tree_head import SignedTreeHead, sign_tree_head
@@ -167,51 +168,27 @@ _WRITE_BATCH_PG = Prepared(
     ).bindparams(*_batch_binds())
 )
 
-# PostgreSQL only (``append_pg_alone``): the same batch in one statement outside any
-# transaction, which takes the log's lock and writes only if the newest tree head is
-# still the one the writer last left (``prev_size``, ``prev_root``); otherwise it
-# writes nothing and returns no row. The newest head is found as ``max(tree_size)``,
-# one step down the primary key's index whatever the plan: "no head above
-# prev_size" as a NOT EXISTS over a range became, once the prepared statement's plan
-# went generic, a scan of every head.
+# PostgreSQL only (``append_pg_alone``): the batch in one call of
+# ``storyvault_audit_append`` (``audit._pg_append``, migration 0005) outside any
+# transaction. It takes the log's lock, then reads the newest tree head in a
+# statement of its own (so it sees a batch another writer committed while this one
+# waited for the lock), and writes the batch only if that head is still the one the
+# writer extended (``prev_size``, ``prev_root``): one row, ``written``. Otherwise it
+# writes nothing and returns that head and the perfect subtrees of its right edge,
+# which the writer's next call extends.
 #
-# The statement's snapshot is taken before it waits for the lock, so a batch that
-# another writer committed during that wait is not in it. The batch's first leaf
-# (``prev_size``) is therefore inserted first and on its own, ON CONFLICT DO NOTHING,
-# and the rest of the batch only if that insert wrote its row: a leaf is stored only
-# with every leaf before it, so a free first leaf means that nothing has been
-# appended since, and a taken one writes nothing. That conflict used to be left to
-# the primary keys (the nodes' or the leaves'), which refused the whole statement:
-# an ERROR (and the statement's text) in PostgreSQL's log and a rolled-back
-# transaction for every race between two writers, several a second under load (556
-# in 40 s with 2 workers).
+# Before, one statement (data-modifying CTEs) did this: its snapshot was taken
+# before it waited for the lock, so a batch committed during the wait showed only as
+# a conflict on the batch's first leaf (written first, ON CONFLICT DO NOTHING), and a
+# refused writer had to read the log's state in a statement of its own before trying
+# again; a writer sharing the log read it before every batch. (Earlier still, the
+# primary keys refused the whole statement: an ERROR in PostgreSQL's log for every
+# race, 556 in 40 s with 2 workers.)
 _WRITE_BATCH_PG_ALONE = Prepared(
     text(
-        "WITH l AS (SELECT pg_advisory_xact_lock(:k) AS locked),"
-        " g AS (SELECT 1 AS ok FROM l CROSS JOIN audit_tree_heads AS h"
-        " WHERE h.tree_size = :prev_size AND h.root_hash = :prev_root"
-        " AND h.tree_size = (SELECT max(tree_size) FROM audit_tree_heads)),"
-        " r AS (SELECT r.leaf_index, decode(r.leaf, 'base64') AS leaf,"
-        " decode(r.leaf_hash, 'base64') AS leaf_hash, r.kind, r.actor, r.subject,"
-        " r.purpose, r.created_at"
-        " FROM json_to_recordset(CAST(:entries AS json)) AS r(leaf_index bigint, leaf text,"
-        " leaf_hash text, kind text, actor text, subject text, purpose text,"
-        " created_at timestamp)),"
-        " f AS (INSERT INTO audit_entries"
-        " (leaf_index, leaf, leaf_hash, kind, actor, subject, purpose, created_at)"
-        " SELECT * FROM r WHERE r.leaf_index = :prev_size AND EXISTS (SELECT 1 FROM g)"
-        " ON CONFLICT DO NOTHING RETURNING leaf_index),"
-        " e AS (INSERT INTO audit_entries"
-        " (leaf_index, leaf, leaf_hash, kind, actor, subject, purpose, created_at)"
-        " SELECT * FROM r WHERE r.leaf_index > :prev_size AND EXISTS (SELECT 1 FROM f)),"
-        " n AS (INSERT INTO audit_nodes (level, node_index, hash)"
-        " SELECT r.level, r.node_index, decode(r.hash, 'base64')"
-        " FROM json_to_recordset(CAST(:nodes AS json)) AS r(level smallint,"
-        " node_index bigint, hash text)"
-        " WHERE EXISTS (SELECT 1 FROM f))"
-        " INSERT INTO audit_tree_heads (tree_size, root_hash, timestamp_ms, signature, key_id)"
-        " SELECT :tree_size, :root_hash, :timestamp_ms, :signature, :key_id"
-        " WHERE EXISTS (SELECT 1 FROM f) RETURNING tree_size"
+        "SELECT written, head_size, head_root, head_timestamp_ms, edge_level, edge_hash"  # noqa: S608  (constant fragments)
+        f" FROM {APPEND_FUNCTION}(:k, :prev_size, :prev_root, CAST(:entries AS json),"
+        " CAST(:nodes AS json), :tree_size, :root_hash, :timestamp_ms, :signature, :key_id)"
     ).bindparams(
         bindparam("k", type_=BigInteger),
         bindparam("prev_size", type_=BigInteger),
@@ -557,19 +534,21 @@ class TransparencyLog:
     async def append_pg_alone(
         self, conn: Any, batch: Sequence[AuditEntry | EncodedEntry]
     ) -> AppendResult | None:
-        """Append ``batch`` in one statement of its own on an asyncpg connection outside
-        any transaction: one round trip, where ``append_pg`` in a transaction takes
-        five (BEGIN, the lock, the newest tree head, the rows, COMMIT).
+        """Append ``batch`` in one call of its own on an asyncpg connection outside any
+        transaction: one round trip, where ``append_pg`` in a transaction takes five
+        (BEGIN, the lock, the newest tree head, the rows, COMMIT).
 
-        It extends the log's right edge as this object last left it or last read it
-        (``refresh_pg``), so it is tried only while that is likely current: after
+        It extends the log's right edge as this object last left it or last read it,
+        so it is tried only while that is likely current (``may_go_alone``): after
         this object's previous append went this way, or found under the lock that
-        nothing else had appended since its own, or after ``refresh_pg``. The
-        statement takes the log's lock and writes only if the newest tree head is
-        still that one. Otherwise it writes nothing and this returns None: the
-        caller then reads the log's state again (``refresh_pg``) and retries, or
-        appends with ``append_pg`` in a transaction, as it does (without a round
-        trip spent) whenever this returns None at once.
+        nothing else had appended since its own, or after ``refresh_pg``, or after a
+        call that another writer's batch had come before. The call takes the log's
+        lock and writes only if the newest tree head is still that one. Otherwise it
+        writes nothing and this returns None, having taken the newest head and its
+        right edge (read under the lock) as what the next call extends: the caller
+        tries again at once, or appends with ``append_pg`` in a transaction. With
+        nothing to extend (``may_go_alone`` false) this returns None at once,
+        without a round trip.
         """
         if self._dialect != "postgresql":
             raise ValueError("append_pg_alone is for a log on PostgreSQL")
@@ -584,35 +563,40 @@ class TransparencyLog:
         entry_rows, node_rows, head_row, head = self._extend(edge, encoded, last_ms)
         params = _batch_params(entry_rows, node_rows, head_row)
         params.update(k=self._lock_id, prev_size=size, prev_root=root)
-        # No row: another writer appended first (before this statement's snapshot,
-        # or while it waited for the lock), and nothing was written.
-        written = await _WRITE_BATCH_PG_ALONE.rows_pg(conn, params)
-        if not written:
-            self._memo_current = False
-            return None
-        self._edge_memo = (head.tree_size, head.root_hash, edge.edge(), head.timestamp_ms)
-        return AppendResult(size, head)
+        rows = await _WRITE_BATCH_PG_ALONE.rows_pg(conn, params)
+        if rows and rows[0][0]:
+            self._edge_memo = (head.tree_size, head.root_hash, edge.edge(), head.timestamp_ms)
+            return AppendResult(size, head)
+        # Another writer appended first: nothing was written; its state is the next
+        # call's to extend.
+        self._adopt_state([row[1:] for row in rows])
+        return None
 
     async def refresh_pg(self, conn: Any) -> bool:
         """Read, in one statement on an asyncpg connection and without the log's lock,
         the newest tree head and the perfect subtrees of its right edge, and make
-        them what the next ``append_pg_alone`` extends. For a writer that shares the
-        log with other processes: its lone statement then extends their latest
-        batch instead of going under the lock for five round trips. Returns whether
-        the log was as this object had left it (nothing else appended since).
-        Raises LogStateConflict if the stored tree lacks subtree hashes it should
-        have. On an empty log there is nothing to extend alone: ``may_go_alone``
-        becomes false."""
+        them what the next ``append_pg_alone`` extends (for a writer with nothing
+        to extend yet, e.g. after a restart). Returns whether the log was as this
+        object had left it (nothing else appended since). Raises LogStateConflict
+        if the stored tree lacks subtree hashes it should have. On an empty log
+        there is nothing to extend alone: ``may_go_alone`` becomes false."""
         if self._dialect != "postgresql":
             raise ValueError("refresh_pg is for a log on PostgreSQL")
-        rows = await _STATE_PG.rows_pg(conn)
-        if not rows:
+        return self._adopt_state(await _STATE_PG.rows_pg(conn))
+
+    def _adopt_state(self, rows: Sequence[Sequence[Any]]) -> bool:
+        """Make the log's state in ``rows`` (tree size, root, timestamp, then a level
+        and subtree hash per row) what the next ``append_pg_alone`` extends; no
+        row, or a size of None: an empty log. Returns whether it is the state this
+        object had left."""
+        if not rows or rows[0][0] is None:
             self._edge_memo = None
             self._memo_current = False
             return False
         size, root, last_ms = rows[0][0], bytes(rows[0][1]), rows[0][2]
-        edge = {level: bytes(h) for *_, level, h in rows if level is not None}
+        edge = {level: bytes(h) for *_, level, h in rows if level is not None and h is not None}
         if len(edge) != size.bit_count():
+            self._memo_current = False
             raise LogStateConflict("the stored tree lacks subtree hashes it should have")
         memo = self._edge_memo
         unchanged = memo is not None and memo[0] == size and memo[1] == root

@@ -3,16 +3,15 @@
 On PostgreSQL (``PgBatchLog``) the batch's statements run on an asyncpg
 connection directly: through SQLAlchemy's async engine each statement cost a pool
 checkout's share, an execution context and a greenlet hand-off, several times the
-statement itself. While this process is the log's only writer a batch is one
-statement in one round trip (``TransparencyLog.append_pg_alone``). While other
-processes append too, the batch extends the log's newest state read just before
-without the lock (``TransparencyLog.refresh_pg``): two round trips, and the lock
-held only while the server runs the statement and commits, where a transaction
-under the lock (``append_pg``, five round trips) holds it across four of them,
-each of which waits for this event loop's turn. A batch whose lone
-statements were refused a few times running (other writers' batches landed
-between its read and its statement) goes under the lock, which always
-succeeds.
+statement itself. A batch is one call in one round trip
+(``TransparencyLog.append_pg_alone``): it takes the log's lock and extends the
+log's newest state as this process last saw it. If another process appended since,
+the call writes nothing and answers with the newest state, read under the lock, and
+the batch tries again at once, extending that: the lock is held only while the
+server runs a call and commits, where a transaction under the lock (``append_pg``,
+five round trips) holds it across four of them, each of which waits for this event
+loop's turn. A batch refused a few times running (other writers' batches landed
+between its calls) goes under the lock, which always succeeds.
 
 On SQLite (``InlineSqliteLog``) every
 statement through aiosqlite, or every batch through a worker thread, costs a
@@ -87,10 +86,6 @@ class PgBatchLog:
     def __init__(self, log: TransparencyLog, db: Database) -> None:
         self._log = log
         self._db = db
-        # Whether other processes append too: then each batch first reads the log's
-        # newest state. Set by a refused lone statement; cleared when a read finds
-        # that nothing else appended since this process's last batch.
-        self._shared = False
 
     async def append(self, batch: Sequence[AuditEntry | EncodedEntry]) -> AppendResult:
         encoded = [EncodedEntry.of(e) for e in batch]
@@ -105,21 +100,21 @@ class PgBatchLog:
                 break  # an empty log: nothing to extend alone, nothing was sent
             _REFUSED.inc()
             refused += 1
-            self._shared = True
         result = await self._db.pg_transaction(lambda conn: log.append_pg(conn, encoded))
         _LOCKED.inc()
         return replace(result, way="locked", refused=refused)
 
     async def _alone(self, conn: Any, encoded: list[EncodedEntry]) -> AppendResult | bool:
-        """One lone statement on ``conn``, after a read of the log's state when
-        other processes append too or this object has none to extend. Returns its
-        result, else whether a statement was sent (and refused); False when the
-        log is empty (nothing to extend alone)."""
+        """One lone call on ``conn``, after a read of the log's state if this object
+        has none it may extend (a new process, or a locked batch that found another
+        writer's). Returns its result, else whether a call was sent (and refused,
+        bringing back the newest state for the next try); False when the log is
+        empty (nothing to extend alone)."""
         log = self._log
-        if (self._shared or not log.may_go_alone) and await log.refresh_pg(conn):
-            self._shared = False
         if not log.may_go_alone:
-            return False
+            await log.refresh_pg(conn)
+            if not log.may_go_alone:
+                return False
         done = await log.append_pg_alone(conn, encoded)
         return True if done is None else done
 

@@ -68,11 +68,11 @@ AUDIT_BATCH_FAILURES = Counter(
 )
 AUDIT_BATCH_WAYS = Counter(
     "storyvault_audit_batches_total",
-    "Audit group commits on PostgreSQL by how they were written: alone (one statement "
-    "that takes the log's lock itself, after a read of the log's state while other "
-    "writers append too), locked (in a transaction under the log's lock, after three "
-    "refusals), alone_refused (each lone statement that found another writer's batch "
-    "and wrote nothing; the batch then tried again)",
+    "Audit group commits on PostgreSQL by how they were written: alone (one call that "
+    "takes the log's lock itself and extends the log's newest state as this process "
+    "last saw it), locked (in a transaction under the log's lock, after three "
+    "refusals), alone_refused (each lone call that found another writer's batch, wrote "
+    "nothing and brought back the newest state; the batch then tried again)",
     ["way"],
 )
 SQLITE_COMMITS = Counter(

@@ -27,6 +27,7 @@ from audit import (
     EntryKind,
     TransparencyLog,
     Withheld,
+    append_function_ddl,
     append_only_ddl,
     drop_append_only_ddl,
 )
@@ -43,6 +44,8 @@ async def prepare_audit_schema(engine: AsyncEngine) -> None:
         await conn.run_sync(lambda c: metadata.drop_all(c, tables=list(TABLES)))
         await conn.run_sync(lambda c: metadata.create_all(c, tables=list(TABLES)))
         for statement in append_only_ddl(engine.dialect.name, TABLE_NAMES):
+            await conn.exec_driver_sql(statement)
+        for statement in append_function_ddl(engine.dialect.name):
             await conn.exec_driver_sql(statement)
 
 

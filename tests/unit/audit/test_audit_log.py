@@ -35,7 +35,7 @@ from audit import (
     verify_inclusion,
     verify_log,
 )
-from audit._log import _WRITE_BATCH_PG_ALONE
+from audit._pg_append import APPEND_FUNCTION, NEWEST_HEAD_SQL
 from tests.pgserver import PgServer
 
 
@@ -530,14 +530,15 @@ async def test_writers_taking_turns_extend_the_state_they_read_in_one_statement_
 
 
 @pytest.mark.postgres
-async def test_a_writer_that_is_not_alone_writes_nothing_and_appends_under_the_lock(
+async def test_a_writer_that_finds_another_writers_batch_writes_nothing_and_extends_it_next(
     audit_pg_url: str, signing_key: Ed25519PrivateKey, kit: type
 ) -> None:
     """Two log objects (two processes) on one database. When the other appended
-    since, ``append_pg_alone`` writes nothing and returns None, and does not try
-    again (no round trip spent) until a locked append finds the log as it left it;
-    the locked append then extends the other's tree. Every leaf is stored once,
-    in one total order that verifies."""
+    since, ``append_pg_alone`` writes nothing and returns None, and brings back the
+    log's newest state, read under the lock: the next lone call extends the other's
+    batch, with no read of the state in between. A locked append then finds the
+    log as its own call left it. Every leaf is stored once, in one total order
+    that verifies."""
     engine, dsn = await _pg_log(audit_pg_url, kit)
     conns = [await asyncpg.connect(dsn), await asyncpg.connect(dsn)]
     try:
@@ -556,19 +557,62 @@ async def test_a_writer_that_is_not_alone_writes_nothing_and_appends_under_the_l
         before = await _stored_size(conns[0])
         assert await logs[0].append_pg_alone(conns[0], [kit.make_entry(n)]) is None
         assert await _stored_size(conns[0]) == before
-        # It does not try again: not even a statement reaches the server.
-        await conns[0].close()
-        assert await logs[0].append_pg_alone(conns[0], [kit.make_entry(n)]) is None
-        conns[0] = await asyncpg.connect(dsn)
-        await locked(0, 4)  # extends log 1's batch: its edge from the stored nodes
-        await locked(0, 1)
-        result = await logs[0].append_pg_alone(conns[0], [kit.make_entry(n)])
-        assert result is not None
-        assert result.indexes == range(n, n + 1)
-        n += 1
+        assert logs[0].may_go_alone  # the other's batch is what it extends next
+        for size in (1, 4):
+            result = await logs[0].append_pg_alone(
+                conns[0], [kit.make_entry(n + i) for i in range(size)]
+            )
+            assert result is not None
+            assert result.indexes == range(n, n + size)
+            n += size
+        await locked(0, 2)
+        assert logs[0].may_go_alone  # the locked append found its own last batch
         report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
         assert report.ok, report.divergence
-        assert report.entries_checked == n == 13
+        assert report.entries_checked == n == 14
+        assert await _stored_size(conns[0]) == (14, 6)
+    finally:
+        for c in conns:
+            await c.close()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_writers_taking_turns_each_find_the_others_batch_in_their_refused_call(
+    pg: PgServer, signing_key: Ed25519PrivateKey, kit: type
+) -> None:
+    """Two log objects appending in turn without reading the log's state apart:
+    each call after the other's batch is refused (it writes nothing, and nothing
+    reaches PostgreSQL's log as an error) and brings that batch's state back, and
+    the next call extends it. Every leaf is stored once; the tree is the one a full
+    recomputation gives, and verifies."""
+    url = pg.create_database("audit_turns_" + uuid.uuid4().hex[:8])
+    engine, dsn = await _pg_log(url, kit)
+    conns = [await asyncpg.connect(dsn), await asyncpg.connect(dsn)]
+    server_log = pg.root / "server.log"
+    try:
+        logs = [TransparencyLog(engine, signing_key, kit.key_id) for _ in range(2)]
+        for w in (0, 1):
+            await _ready_to_go_alone(logs[w], conns[w], kit)
+        hashes = [leaf_hash(_leaf(kit, i)) for i in (0, 1) * 4]
+        logged = server_log.stat().st_size
+        for turn, size in enumerate([3, 1, 5, 2, 8, 1]):
+            w = turn % 2
+            start = len(hashes)
+            batch = [kit.make_entry(start + i) for i in range(size)]
+            assert await logs[w].append_pg_alone(conns[w], batch) is None  # the other's came first
+            assert await _stored_size(conns[w]) == (start, turn + 4)
+            result = await logs[w].append_pg_alone(conns[w], batch)
+            assert result is not None
+            assert result.indexes == range(start, start + size)
+            hashes.extend(leaf_hash(_leaf(kit, start + i)) for i in range(size))
+            assert result.tree_head.root_hash == merkle_tree_hash(hashes)
+        with server_log.open("rb") as f:
+            f.seek(logged)
+            assert b"ERROR" not in f.read()
+        report = await verify_log(engine, {kit.key_id: signing_key.public_key()})
+        assert report.ok, report.divergence
+        assert (report.entries_checked, report.tree_heads_checked) == (len(hashes), 10)
     finally:
         for c in conns:
             await c.close()
@@ -585,8 +629,8 @@ async def test_a_lone_append_racing_a_locked_one_gives_way_without_an_error(
     one that fails. Losing the race is not an error on the server: two writers
     lose it several times a second under load, and each loss was an ERROR, with
     the statement's text, in PostgreSQL's log (a primary key, the nodes' or the
-    leaves', refused the batch). The writer then reads the log's state and its batch
-    goes alone."""
+    leaves', refused the batch). The refused call brings back the state the other's
+    batch left, and the writer's next call extends it."""
     url = pg.create_database("audit_race_" + uuid.uuid4().hex[:8])
     engine, dsn = await _pg_log(url, kit)
     conns = [await asyncpg.connect(dsn), await asyncpg.connect(dsn)]
@@ -607,7 +651,9 @@ async def test_a_lone_append_racing_a_locked_one_gives_way_without_an_error(
         await tx.commit()
         assert await racing is None
         assert await _stored_size(conns[0]) == (9, 3)
-        assert not await alone.refresh_pg(conns[0])  # another process appended
+        # The refused call read the log once it held the lock: it brought the
+        # other's batch back, and the next call extends it.
+        assert alone.may_go_alone
         result = await alone.append_pg_alone(conns[0], [kit.make_entry(i) for i in range(9, 12)])
         assert result is not None
         assert result.indexes == range(9, 12)
@@ -704,10 +750,10 @@ async def test_a_lone_append_takes_the_log_lock_so_a_locked_one_behind_it_extend
 async def test_a_lone_append_finds_the_newest_head_without_reading_every_head(
     audit_pg_url: str, kit: type
 ) -> None:
-    """The lone statement is prepared once and, after a few runs, planned generically
-    (without its parameters' values). Its check of the newest tree head must still
-    go through the primary key's index: a scan of every head would cost more with
-    each batch the log has ever had."""
+    """The lone call reads the newest tree head with the lock held, on every batch.
+    That read must go through the primary key's index: a scan of every head would
+    cost more with each batch the log has ever had. (It is the function's own
+    statement: ``NEWEST_HEAD_SQL`` is spliced into its body.)"""
     engine, dsn = await _pg_log(audit_pg_url, kit)
     conn = await asyncpg.connect(dsn)
     try:
@@ -716,11 +762,9 @@ async def test_a_lone_append_finds_the_newest_head_without_reading_every_head(
             " SELECT n, '\\x00', n, '\\x00', 'k' FROM generate_series(1, 50000) AS n"
         )
         await conn.execute("ANALYZE audit_tree_heads")
-        await conn.execute("SET plan_cache_mode = force_generic_plan")
-        form = _WRITE_BATCH_PG_ALONE._pg_form()
-        await conn.execute(f"PREPARE lone AS {form.sql}")
-        params = ", ".join(["NULL"] * len(form.bind))
-        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE lone({params})"))
+        body = await conn.fetchval("SELECT prosrc FROM pg_proc WHERE proname = $1", APPEND_FUNCTION)
+        assert NEWEST_HEAD_SQL in body
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {NEWEST_HEAD_SQL}"))
         assert "Seq Scan on audit_tree_heads" not in plan, plan
         assert "audit_tree_heads_pkey" in plan, plan
     finally:
@@ -768,9 +812,21 @@ async def test_reading_the_right_edge_looks_up_only_its_subtrees_before_any_anal
         for _ in range(6):  # past the few runs a prepared statement is planned for its values
             assert await nodes_read(lambda: logs[0].refresh_pg(conns[0])) == (0, edge, edge)
         assert logs[0].may_go_alone
+        # Each time the other writer appends first, a lone call is refused and reads
+        # the new edge under the lock, as the function's own statement.
+        for n in range(6):
+            size = 3000 + n
+            async with conns[1].transaction():
+                await logs[1].append_pg(conns[1], [kit.make_entry(size)])
+
+            async def refused(size: int = size) -> None:
+                assert await logs[0].append_pg_alone(conns[0], [kit.make_entry(size)]) is None
+
+            edge_now = bin(size + 1).count("1")
+            assert await nodes_read(refused) == (0, edge_now, edge_now)
         # Each time the other writer appends first, a locked append reads the new edge.
         for n in range(6):
-            size = 3001 + 2 * n
+            size = 3007 + 2 * n
             async with conns[1].transaction():
                 await logs[1].append_pg(conns[1], [kit.make_entry(size - 1)])
 
