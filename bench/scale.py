@@ -24,8 +24,8 @@ streamed at that size.
 
 The sizes take turns within each round so that the shared machine's slow and fast
 spells fall on both alike: measured one after the other, with the eight minutes
-of growing between them, the ratio followed the host (the twenty-first round:
-docs/benchmarks.md, then benchmarks-history.md). The figure is the median of the rounds' ratios
+of growing between them, the ratio followed the host (docs/benchmarks-history.md,
+the twenty-first round). The figure is the median of the rounds' ratios
 (``paired_ratio``).
 
 Goals (issue "performance"): the gated read at 1M keeps >= 80 % of its 10k

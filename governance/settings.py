@@ -144,7 +144,8 @@ class Settings:
         workers on 2 CPUs: docs/benchmarks-history.md, the twentieth round); on
         PostgreSQL the database server's own processes do much of a commit's work,
         and the gated read measured slower with it (docs/benchmarks-history.md, the
-        ninth round).
+        ninth round; again with 2 workers in the twenty-second round:
+        docs/benchmarks.md, then benchmarks-history.md).
         Never for an in-memory database, which no other process can reach."""
         if ":memory:" in self.database_url:
             return False
@@ -175,7 +176,9 @@ def audit_window_ms(scheme: str, workers: int) -> float:
     reads of such a wave waited out the window with nothing else to run. Measured
     (docs/benchmarks-history.md, the twentieth round): with 1 worker, 0.5 ms kept the
     machine busier and was ahead in every pair; with 2 workers, which take turns on
-    the log, the more and smaller batches cost more than the waits they spare. On
+    the log, the more and smaller batches cost more than the waits they spare (1 ms
+    against 2 measured level in the twenty-second round: docs/benchmarks.md, then
+    benchmarks-history.md). On
     SQLite a batch closes as soon as every read that can join it has
     (``audit.AuditWriter``'s early close): there the window only bounds a batch's
     wait at low load."""

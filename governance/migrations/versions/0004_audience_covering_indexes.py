@@ -9,7 +9,7 @@ granting) a page of 10,000 ids touched about 30,000 table pages at random, and
 PostgreSQL spent 160-400 ms on it. With the columns the query reads in the indexes
 themselves, both scans are index-only (once vacuum has marked the pages visible):
 16 ms a page, and the whole audience of 500,000 ids streamed in 1.9 s instead of
-8.4 s (the twenty-first round: docs/benchmarks.md, then benchmarks-history.md).
+8.4 s (docs/benchmarks-history.md, the twenty-first round).
 
 - customers: (subject, status, id) beside the unique constraint on subject;
 - consent_state: ix_consent_state_audience gains expires_at and since after its
