@@ -17,8 +17,6 @@ reads the audit group commit's mean batch size over the full- and half-load poin
 from __future__ import annotations
 
 import argparse
-import asyncio
-import random
 import re
 import sys
 import tempfile
@@ -36,9 +34,7 @@ from bench.run import (
     log,
     lua_script,
     measure,
-    seed,
-    settle,
-    start_backend,
+    seeded_database,
     start_server,
     storyvault_env,
     warm_up,
@@ -159,21 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sv-ab-"))
     data_dir = root / args.backend
     data_dir.mkdir()
-    url, pg = start_backend(args.backend, data_dir)
     rows: list[dict[str, Any]] = []
-    try:
-        ids, key = asyncio.run(seed(data_dir, url, args.customers))
-        settle(pg, url)
-        random.Random(5).shuffle(ids)
+    with seeded_database(args.backend, data_dir, args.customers) as db:
         for n in range(args.rounds):
             for tree in trees:
-                row = one_build(tree, wrk, args, data_dir, url, ids, key, root)
+                row = one_build(tree, wrk, args, data_dir, db.url, db.ids, db.key, root)
                 rows.append({"round": n, **row})
-    finally:
-        if pg is not None:
-            from tests.pgserver import stop_server
-
-            stop_server(pg)
     path = write_result(
         f"ab-{args.backend}",
         {

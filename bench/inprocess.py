@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import uvloop
 
 from bench import run
 from bench.common import base_settings, write_result
-from bench.run import log, seed, settle, start_backend
+from bench.run import log, seeded_database
 
 # make bench's endpoints, as ASGI wants them: (path template, query string).
 ENDPOINTS: dict[str, tuple[str, bytes]] = {
@@ -160,19 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sv-inprocess-"))
     data_dir = root / args.backend
     data_dir.mkdir()
-    url, pg = start_backend(args.backend, data_dir)
-    try:
-        ids, key = asyncio.run(seed(data_dir, url, args.customers))
-        settle(pg, url)
-        random.Random(5).shuffle(ids)
+    with (
+        seeded_database(args.backend, data_dir, args.customers) as db,
+        open(os.devnull, "w") as logs,
+    ):
         # uvloop, as uvicorn runs the app in a worker
-        with open(os.devnull, "w") as logs:
-            result = uvloop.run(measure(data_dir, url, ids, key, args, logs))
-    finally:
-        if pg is not None:
-            from tests.pgserver import stop_server
-
-            stop_server(pg)
+        result = uvloop.run(measure(data_dir, db.url, db.ids, db.key, args, logs))
     cpu = {k: v["cpu_us_per_request"] for k, v in result.items()}
     ratios = {
         "c_over_a": round(cpu["health"] / cpu["gated"], 3),

@@ -25,8 +25,6 @@ pair and round.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import random
 import re
 import shutil
 import sys
@@ -46,9 +44,7 @@ from bench.run import (
     lua_script,
     measure,
     median_round,
-    seed,
-    settle,
-    start_backend,
+    seeded_database,
     start_server,
     storyvault_env,
     warm_up,
@@ -198,26 +194,20 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sv-pairs-"))
     data_dir = root / args.backend
     data_dir.mkdir()
-    args.url, pg = start_backend(args.backend, data_dir)
     rows: list[dict[str, Any]] = []
-    try:
-        ids, key = asyncio.run(seed(data_dir, args.url, args.customers))
-        settle(pg, args.url)
-        random.Random(5).shuffle(ids)
+    with seeded_database(args.backend, data_dir, args.customers) as db:
+        args.url = db.url
         scripts = {
-            e: lua_script(root, f"pairs-{e}", ENDPOINTS[e], ids, key, None)
+            e: lua_script(root, f"pairs-{e}", ENDPOINTS[e], db.ids, db.key, None)
             for e in ("health", "gated")
         }
-        database = None if pg is None else pg.proc.pid
+        database = None if db.pg is None else db.pg.proc.pid
         for pair in range(args.pairs):
             for config in turn_order(args.config, pair):
-                row = one_config(config, wrk, args, scripts, envs[config], len(ids), root, database)
+                row = one_config(
+                    config, wrk, args, scripts, envs[config], len(db.ids), root, database
+                )
                 rows.append({"pair": pair, **row})
-    finally:
-        if pg is not None:
-            from tests.pgserver import stop_server
-
-            stop_server(pg)
     counts = tally(rows, args.config[0])
     for config, count in counts.items():
         log(f"[{config}] against [{args.config[0] or 'make bench'}]: {count}")

@@ -58,7 +58,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -1282,6 +1282,37 @@ def start_backend(backend: str, data_dir: Path) -> tuple[str, Any]:
 
     pg = start_pg(durable=True)
     return pg.create_database("storyvault"), pg
+
+
+@dataclass
+class Seeded:
+    """A database seeded for a benchmark (``seeded_database``)."""
+
+    url: str
+    pg: Any
+    """The PostgreSQL server it runs on (``tests.pgserver.PgServer``), None on SQLite."""
+    ids: list[str]
+    """Its customers' ids, in the benchmark's fixed shuffled order."""
+    key: str
+    """The API key of the reading team."""
+
+
+@contextlib.contextmanager
+def seeded_database(backend: str, data_dir: Path, customers: int) -> Iterator[Seeded]:
+    """A database of ``customers`` seeded as ``make bench`` seeds it and settled
+    (``settle``), its ids shuffled in the benchmark's fixed order; the PostgreSQL
+    server started for it is stopped on the way out."""
+    url, pg = start_backend(backend, data_dir)
+    try:
+        ids, key = asyncio.run(seed(data_dir, url, customers))
+        settle(pg, url)
+        random.Random(5).shuffle(ids)
+        yield Seeded(url, pg, ids, key)
+    finally:
+        if pg is not None:
+            from tests.pgserver import stop_server
+
+            stop_server(pg)
 
 
 def machine_info() -> dict[str, Any]:

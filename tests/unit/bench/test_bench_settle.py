@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.run import seed, settle
+import pytest
+
+from bench.run import seed, seeded_database, settle
 from tests.pgserver import PgServer
 
 _SEEDED = ("customers", "chapters", "data_keys", "consent_state", "audit_entries", "audit_nodes")
@@ -51,3 +53,28 @@ async def test_sqlite_seeding_leaves_no_log_to_copy(tmp_path: Path) -> None:
     wal = db.with_name(db.name + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0
     assert db.stat().st_size > 100_000
+
+
+def test_a_seeded_database_is_settled_and_its_server_stopped_on_the_way_out(
+    tmp_path: Path,
+) -> None:
+    """``seeded_database``: the seed and the settling every benchmark tool starts
+    from, and the PostgreSQL server it started stopped afterwards, even when the
+    measurement in between fails."""
+    with seeded_database("sqlite", tmp_path, 12) as db:
+        assert len(db.ids) == len(set(db.ids)) == 12
+        assert db.key
+        assert db.pg is None
+        wal = tmp_path / "storyvault.db-wal"
+        assert not wal.exists() or wal.stat().st_size == 0
+    pg_dir = tmp_path / "pg"
+    pg_dir.mkdir()
+    with (  # noqa: PT012
+        pytest.raises(RuntimeError, match="measurement failed"),
+        seeded_database("postgresql", pg_dir, 12) as db,
+    ):
+        server = db.pg
+        assert len(db.ids) == 12
+        assert _settled_tables(server, "storyvault") == set(_SEEDED)
+        raise RuntimeError("measurement failed")
+    assert server.proc.poll() is not None  # the server was stopped
